@@ -1,0 +1,48 @@
+# autorecbench — `make setup` then `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+SHARED_ML_LATEST_SMALL ?= ../shared/data/ml-latest-small
+
+.PHONY: setup test test-slow test-gpu bench clean-results help
+
+help:
+	@echo "make setup      create $(VENV), install torch $(TORCH_VERSION) (CPU build, unless a torch is already there),"
+	@echo "                the package with dev extras, and the default dataset ml-100k (from the recbole wheel)"
+	@echo "make test       the test suite without slow tests (CPU, < 10 minutes on 2 cores)"
+	@echo "make test-slow  the slow tests too"
+	@echo "make bench      streaming throughput and peak memory on a synthetic stream"
+
+setup: $(VENV)/.installed data/raw/ml-100k/ml-100k.inter data/raw/ml-latest-small/ratings.csv
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# Keep a torch that is already installed (e.g. a CUDA build); else the CPU build from local disk.
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet torch==$(TORCH_VERSION)
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+data/raw/ml-100k/ml-100k.inter: | $(VENV)/.installed
+	$(BIN)/autorecbench data fetch ml-100k
+
+# ml-latest-small is redistributable; copy it in when the shared folder is beside the checkout.
+data/raw/ml-latest-small/ratings.csv: | $(VENV)/.installed
+	@if [ -f $(SHARED_ML_LATEST_SMALL)/ratings.csv ]; then \
+		$(BIN)/autorecbench data fetch ml-latest-small --from $(SHARED_ML_LATEST_SMALL); \
+	else echo "ml-latest-small: $(SHARED_ML_LATEST_SMALL) not found; see README for the download"; fi
+
+test:
+	$(BIN)/python -m pytest -m "not slow" -q
+
+test-slow:
+	$(BIN)/python -m pytest -q
+
+test-gpu:
+	$(BIN)/python -m pytest -m gpu -q
+
+bench:
+	$(BIN)/python -m autorecbench.bench
+
+clean-results:
+	rm -rf results logs

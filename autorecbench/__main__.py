@@ -1,0 +1,3 @@
+from autorecbench.cli import main
+
+main()

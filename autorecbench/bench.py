@@ -1,0 +1,147 @@
+"""``make bench``: streaming throughput and memory of methods on a synthetic stream. A benchmark, not a test.
+
+Each configuration runs in its own process (so peak memory is its own) on a synthetic MovieLens-format
+stream of ``--rows`` interactions whose embedding tables span ml-20m-sized id spaces (138,494 users and
+131,263 item ids, as the official ESAPN code indexes raw ids). It prints interactions/s over the whole
+test-then-train loop, peak resident memory, CUDA peak memory, and the bytes the embedding tables and
+their optimiser state really allocate.
+
+    python -m autorecbench.bench [--rows 1000000] [--device auto] [--methods fixed] [--optimizers lazy,dense]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ML20M_USERS = 138_494
+ML20M_ITEMS = 131_263
+
+
+def _one(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from autorecbench import envinfo
+    from autorecbench.config import compose, resolve_device
+    from autorecbench.data.cache import DatasetConfig, prepare
+    from autorecbench.data.schema import FieldSpec, TaskSpec
+    from autorecbench.data.stream import load_stream
+    from autorecbench.execute import seed_everything
+    from autorecbench.methods.base import MethodContext, method_class
+    from autorecbench.runners.streaming import StreamingConfig, StreamingRunner
+
+    overrides = [
+        "data=synthetic", f"method={args.method}", f"paths.root={args.root}",
+        f"data.generator.n_interactions={args.rows}",
+        f"data.generator.n_users={args.users}", f"data.generator.n_items={args.items}",
+        f"method.embedding_optimizer={args.optimizer}", f"task={args.task}",
+    ]
+    cfg = compose(overrides)
+    device = resolve_device(args.device)
+    task = TaskSpec.from_name(args.task)
+    prepared = prepare(DatasetConfig.from_mapping(cfg.data))
+    # Tables span the whole id space, not only the ids this stream happens to draw.
+    schema = dataclasses.replace(prepared.schema, fields=[FieldSpec("user", args.users), FieldSpec("item", args.items)])
+    prepared = dataclasses.replace(prepared, schema=schema)
+    seed_everything(0, deterministic=False)
+    stream = load_stream(prepared, task, device)
+    method = method_class(args.method)(MethodContext(schema, task, cfg.method, cfg.model, device, 0))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    runner = StreamingRunner(StreamingConfig(batch_size=args.batch_size, eval_last=5_000_000))
+    started = time.perf_counter()
+    result = runner.run(method, stream)
+    total = time.perf_counter() - started
+    memory = method.memory()
+    return {
+        "method": args.method,
+        "optimizer": args.optimizer,
+        "task": args.task,
+        "device": str(device),
+        "rows": len(stream),
+        "interactions_per_second": result.interactions_per_second,
+        "stream_seconds": result.stream_seconds,
+        "with_metrics_seconds": total,
+        "peak_rss_bytes": envinfo.peak_rss_bytes(),
+        "cuda_peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        "embedding_bytes": memory.embedding_bytes,
+        "embedding_optimizer_bytes": memory.embedding_optimizer_bytes,
+        "parameters": memory.parameters,
+        "torch_threads": torch.get_num_threads(),
+        "gpu": envinfo.hardware(device).get("gpu"),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--users", type=int, default=ML20M_USERS)
+    parser.add_argument("--items", type=int, default=ML20M_ITEMS)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--methods", default="fixed")
+    parser.add_argument("--optimizers", default="lazy,dense")
+    parser.add_argument("--dense-rows", type=int, default=200_000,
+                        help="rows for dense-Adam configurations, which touch every table row at every step")
+    parser.add_argument("--task", default="binary")
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--root", default=None, help="folder for the synthetic data (default: a temporary one)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per configuration")
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--method", help=argparse.SUPPRESS)
+    parser.add_argument("--optimizer", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.one:
+        print(json.dumps(_one(args)))
+        return
+
+    from rich.table import Table
+
+    from autorecbench.console import out_console as console
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.root or tmp
+        rows_out = []
+        for method in args.methods.split(","):
+            for optimizer in args.optimizers.split(","):
+                rows = args.rows if optimizer == "lazy" else min(args.rows, args.dense_rows)
+                cmd = [sys.executable, "-m", "autorecbench.bench", "--one", f"--method={method}",
+                       f"--optimizer={optimizer}", f"--rows={rows}", f"--users={args.users}",
+                       f"--items={args.items}", f"--device={args.device}", f"--task={args.task}",
+                       f"--batch-size={args.batch_size}", f"--root={root}"]
+                console.print(f"[dim]running {method} ({optimizer} Adam) on {rows:,} rows …[/]")
+                done = subprocess.run(cmd, capture_output=True, text=True)
+                if done.returncode != 0:
+                    console.print(f"[red]{method}/{optimizer} failed:[/]\n{done.stderr[-2000:]}")
+                    continue
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                rows_out.append(result)
+                if args.json:
+                    print(json.dumps(result))
+    if args.json:
+        return
+    mib = 2**20
+    table = Table(title=f"Streaming throughput, synthetic stream, id spaces {args.users:,} users x {args.items:,} items")
+    for col in ("method", "Adam", "device", "rows", "interactions/s", "stream s", "peak RSS MiB",
+                "CUDA peak MiB", "embedding MiB", "optimizer state MiB"):
+        table.add_column(col, justify="right" if col not in ("method", "Adam", "device") else "left")
+    for r in rows_out:
+        table.add_row(
+            r["method"], r["optimizer"], r["gpu"] or r["device"], f"{r['rows']:,}", f"{r['interactions_per_second']:,.0f}",
+            f"{r['stream_seconds']:.1f}", f"{r['peak_rss_bytes'] / mib:,.0f}",
+            "–" if r["cuda_peak_bytes"] is None else f"{r['cuda_peak_bytes'] / mib:,.0f}",
+            f"{r['embedding_bytes'] / mib:,.1f}", f"{r['embedding_optimizer_bytes'] / mib:,.1f}",
+        )
+    console.print(table)
+    console.print(f"torch threads: {rows_out[0]['torch_threads'] if rows_out else '?'}; batch size {args.batch_size}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,326 @@
+"""The ``autorecbench`` command line (Typer). Runs are composed by Hydra from ``conf/``."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from autorecbench import __version__
+from autorecbench.console import err_console, out_console, print_error, setup_logging
+from autorecbench.errors import UserError
+
+log = logging.getLogger("autorecbench")
+
+app = typer.Typer(
+    help="Run and compare AutoML methods for deep recommender systems, fairly, fast and reproducibly.\n\n"
+    "Typical use: `autorecbench run method=fixed data=ml-100k`, then `autorecbench compare results/`.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+)
+data_app = typer.Typer(help="Datasets: where their raw files go, preparing the cache, inspecting it.",
+                       no_args_is_help=True, rich_markup_mode="markdown")
+app.add_typer(data_app, name="data")
+
+
+def _version(value: bool) -> None:
+    if value:
+        out_console.print(f"autorecbench {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    setup_logging()
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+def _hydra_task(cfg) -> None:  # type: ignore[no-untyped-def]
+    """What Hydra calls for each run (also in joblib worker processes, hence module level)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from autorecbench.console import LogProgress, RichProgress
+    from autorecbench.execute import execute
+
+    setup_logging()
+    overrides = list(HydraConfig.get().overrides.task)
+    label = f"{cfg.method.name} on {cfg.data.name}"
+    progress = LogProgress(label) if cfg.quiet or not err_console.is_terminal else RichProgress(label)
+    try:
+        path = execute(cfg, overrides, progress)
+    except UserError as exc:
+        print_error(str(exc))
+        sys.exit(2)
+    out_console.print(f"results: {path}", highlight=False, soft_wrap=True)
+
+
+def _launch_hydra(overrides: list[str], multirun: bool) -> None:
+    import hydra
+
+    from autorecbench.config import CONFIG_NAME, config_dir
+
+    entry = hydra.main(config_path=str(config_dir()), config_name=CONFIG_NAME, version_base="1.3")(_hydra_task)
+    saved = sys.argv
+    sys.argv = [saved[0], *overrides, *(["--multirun"] if multirun else [])]
+    try:
+        entry()
+    finally:
+        sys.argv = saved
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    epilog="Examples:\n\n"
+    "* `autorecbench run` (FIXED on ml-100k, streaming, binary)\n\n"
+    "* `autorecbench run method=fixed data=ml-latest-small task=multiclass seed=3 method.embedding_dim=64`\n\n"
+    "* `autorecbench run -m seed=0,1,2` (one run per seed; add `hydra/launcher=joblib` to run them in parallel)",
+)
+def run(
+    overrides: Annotated[Optional[list[str]], typer.Argument(
+        help="Hydra overrides: `data=NAME`, `method=NAME`, `task=binary|multiclass`, `seed=N`, `device=cpu|cuda`, "
+        "`key.sub=value` for any config value; with -m, comma lists sweep.", show_default=False)] = None,
+    multirun: Annotated[bool, typer.Option("--multirun", "-m", help="Sweep over every combination of comma-separated values.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Log lines only, no progress bar.")] = False,
+    show_config: Annotated[bool, typer.Option("--show-config", help="Print the composed config and exit without running.")] = False,
+) -> None:
+    """Run a method on a dataset and write its results folder (metrics, curve and buckets in Parquet)."""
+    from omegaconf import OmegaConf
+
+    from autorecbench.config import compose, expand_sweep, validate
+    from autorecbench.execute import prepare_data
+
+    overrides = list(overrides or [])
+    for item in overrides:
+        if item.startswith("-"):
+            raise UserError(f"unknown option {item!r} (see `autorecbench run --help`)")
+        if "=" not in item:
+            raise UserError(f"override {item!r} is not of the form key=value")
+    if quiet:
+        overrides.append("quiet=true")
+    combos = expand_sweep(overrides)
+    if len(combos) > 1 and not multirun:
+        raise UserError(f"these overrides describe a sweep of {len(combos)} runs: add -m (--multirun)")
+    configs = []
+    for combo in combos:
+        cfg = compose(combo)
+        validate(cfg)
+        configs.append(cfg)
+    if show_config:
+        out_console.out(OmegaConf.to_yaml(configs[0], resolve=True), highlight=False)
+        return
+    # Prepare every dataset once, before anything runs: a bad raw file stops the whole sweep, and
+    # parallel workers then all find the cache ready.
+    seen: set[str] = set()
+    for cfg in configs:
+        key = OmegaConf.to_yaml(cfg.data, resolve=True)
+        if key not in seen:
+            seen.add(key)
+            prepare_data(cfg)
+    if multirun:
+        log.info("launching %d run(s)", len(combos))
+    _launch_hydra(overrides, multirun)
+
+
+# -------------------------------------------------------------------------------------------- compare
+
+@app.command()
+def compare(
+    paths: Annotated[list[str], typer.Argument(help="Run folders, folders of runs, or globs (e.g. `results/`).")],
+    baseline: Annotated[Optional[str], typer.Option("--baseline", "-b", help="Method to compare against: adds Δ and a t-test across seeds.")] = None,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="table | markdown | csv | latex | json")] = "table",
+    metric: Annotated[Optional[list[str]], typer.Option("--metric", help="Metric(s) to show (default: the task's headline metrics).")] = None,
+    split: Annotated[str, typer.Option("--split", help="eval (the evaluation window) or all (the whole stream).")] = "eval",
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the export to this file.")] = None,
+) -> None:
+    """Line runs up by dataset × task × method: mean ± std over seeds, n, optional deltas vs a baseline.
+
+    Failed, interrupted or incomplete runs are listed apart and never enter the means.
+    """
+    from autorecbench.compare import compare as do_compare
+    from autorecbench.compare import render, write
+
+    cmp = do_compare(paths, baseline=baseline, metrics=metric, split=split)
+    if cmp.n_runs == 0:
+        render(cmp, "table", err_console)
+        raise UserError(f"no complete runs under {', '.join(paths)} ({len(cmp.incomplete)} incomplete)")
+    text = render(cmp, fmt, out_console)
+    if text is not None:
+        write(text, output, out_console)
+    elif output is not None:
+        raise UserError("--output needs --format markdown, csv, latex or json")
+
+
+# ------------------------------------------------------------------------------------------- methods
+
+@app.command()
+def methods() -> None:
+    """List the registered methods, the protocol each runs under, and whether it is faithful to its paper."""
+    from rich.table import Table
+
+    from autorecbench.config import config_dir
+    from autorecbench.methods.base import load_methods
+
+    table = Table(title="Registered methods")
+    for column in ("name", "protocol", "status", "description", "paper"):
+        table.add_column(column, overflow="fold")
+    for name, cls in sorted(load_methods().items()):
+        status = "faithful" if cls.faithful else f"NOT YET FAITHFUL: {cls.fidelity}"
+        if not (config_dir() / "method" / f"{name}.yaml").is_file():
+            status += " (no conf/method YAML)"
+        table.add_row(name, ", ".join(cls.protocols), status, cls.description, cls.paper)
+    out_console.print(table)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+def _dataset_names() -> list[str]:
+    from autorecbench.config import config_dir
+
+    return sorted(p.stem for p in (config_dir() / "data").glob("*.yaml"))
+
+
+def _dataset_config(name: str, overrides: list[str] | None):  # type: ignore[no-untyped-def]
+    from autorecbench.config import compose
+    from autorecbench.data.cache import DatasetConfig
+
+    if name not in _dataset_names():
+        raise UserError(f"unknown dataset {name!r}; known: {', '.join(_dataset_names())}")
+    cfg = compose([f"data={name}", *(overrides or [])])
+    return DatasetConfig.from_mapping(cfg.data)
+
+
+def _span(schema) -> str:  # type: ignore[no-untyped-def]
+    def day(ts: int) -> str:
+        return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d")
+
+    return f"{day(schema.time_min)} .. {day(schema.time_max)}"
+
+
+@data_app.command("list")
+def data_list() -> None:
+    """Every configured dataset, whether its raw files are present, and where they are expected."""
+    from rich.table import Table
+
+    from autorecbench.data.cache import cached, locate_source
+
+    table = Table(title="Datasets")
+    for column in ("name", "raw files", "cache", "expected location", "description"):
+        table.add_column(column, overflow="fold")
+    for name in _dataset_names():
+        cfg = _dataset_config(name, None)
+        if cfg.generator is not None:
+            raw = "generated on demand"
+        else:
+            found = locate_source(cfg)
+            raw = f"[green]present[/] ({found[0].name})" if found else "[red]missing[/]"
+        hit = cached(cfg)
+        cache = f"{hit.schema.n_rows:,} rows" if hit else "–"
+        files = " or ".join(s.file for s in cfg.sources)
+        table.add_row(name, raw, cache, f"{cfg.path}/{files}", cfg.description)
+    out_console.print(table)
+
+
+@data_app.command("prepare", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def data_prepare(
+    name: Annotated[str, typer.Argument(help="Dataset name (see `autorecbench data list`).")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="Overrides of the data config, e.g. `data.path=/x`.", show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild the cache even if it is up to date.")] = False,
+) -> None:
+    """Validate the raw files and build the Parquet cache (reused when nothing changed)."""
+    from autorecbench.data.cache import prepare
+
+    cfg = _dataset_config(name, overrides)
+    started = time.perf_counter()
+    prepared = prepare(cfg, force=force)
+    s = prepared.schema
+    state = "cache reused" if prepared.reused else f"cache built in {time.perf_counter() - started:.1f}s"
+    out_console.print(
+        f"{s.dataset}: {s.n_rows:,} rows, {s.n_users:,} users, {s.n_items:,} items, {_span(s)} ({state})\n"
+        f"cache: {prepared.directory}",
+        highlight=False, soft_wrap=True,
+    )
+    if s.expected:
+        got = {"rows": s.n_rows, "users": s.n_users, "items": s.n_items}
+        diff = {k: (v, got[k]) for k, v in s.expected.items() if k in got and got[k] != v}
+        if diff:
+            log.warning("counts differ from the published ones: %s",
+                        ", ".join(f"{k} expected {a:,}, got {b:,}" for k, (a, b) in diff.items()))
+
+
+@data_app.command("info", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def data_info(
+    name: Annotated[str, typer.Argument(help="Dataset name (see `autorecbench data list`).")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="Overrides of the data config.", show_default=False)] = None,
+) -> None:
+    """Show a dataset's config, raw-file status and, once prepared, its cached statistics."""
+    import polars as pl
+
+    from autorecbench.data.cache import cached, locate_source
+
+    cfg = _dataset_config(name, overrides)
+    lines = [f"[bold]{cfg.name}[/]: {cfg.description}", f"raw folder: {cfg.path}",
+             f"files: {' or '.join(f'{s.file} ({s.format})' for s in cfg.sources)}"]
+    if cfg.url:
+        lines.append(f"download: {cfg.url}")
+    if cfg.license:
+        lines.append(f"licence: {cfg.license}")
+    lines.append(f"options: {cfg.options()}")
+    hit = cached(cfg)
+    if hit is None:
+        present = cfg.generator is not None or locate_source(cfg) is not None
+        lines.append("cache: none yet; run `autorecbench data prepare " + name + "`" if present
+                     else f"raw files: missing ({cfg.download or cfg.url})")
+    else:
+        s = hit.schema
+        ratings = pl.read_parquet(hit.interactions_path, columns=["rating"])["rating"].value_counts().sort("rating")
+        hist = ", ".join(f"{r:g}: {c:,}" for r, c in ratings.iter_rows())
+        lines += [
+            f"rows: {s.n_rows:,} (file: {s.rows_in_file:,})   users: {s.n_users:,}   items: {s.n_items:,}",
+            f"time span: {_span(s)}",
+            f"ratings: {hist}",
+            f"source: {s.source['path']} ({s.source['bytes']:,} bytes, sha256 {s.source['sha256'][:16]}…)",
+            f"cache: {hit.directory} (fingerprint {s.fingerprint[:16]}, built {s.created_at})",
+        ]
+    out_console.print("\n".join(lines), highlight=False, soft_wrap=True)
+
+
+@data_app.command("fetch")
+def data_fetch(
+    name: Annotated[str, typer.Argument(help="Dataset to fetch: ml-100k (from the recbole wheel on PyPI), or any dataset with --from.")],
+    source: Annotated[Optional[Path], typer.Option("--from", help="Copy the raw files from this local folder instead.")] = None,
+) -> None:
+    """Put a dataset's raw files in place: ml-100k from PyPI's recbole wheel, or any dataset from a local copy."""
+    from autorecbench.data.fetch import copy_from, fetch_ml100k
+
+    cfg = _dataset_config(name, None)
+    target = Path(cfg.path)
+    if source is not None:
+        copied = copy_from(source, target, [s.file for s in cfg.sources])
+    elif name == "ml-100k":
+        copied = fetch_ml100k(target)
+    else:
+        raise UserError(f"no automatic download for {name!r}: {cfg.download or cfg.url} (or use --from DIR)")
+    out_console.print(f"{name}: {', '.join(p.name for p in copied)} -> {target}", highlight=False, soft_wrap=True)
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as exc:
+        print_error(str(exc))
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print_error("interrupted")
+        sys.exit(130)
+

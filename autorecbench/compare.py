@@ -1,0 +1,250 @@
+"""``autorecbench compare``: line runs up by dataset x task x model x method (x variant), mean ± std
+over seeds, optional deltas against a baseline method with a significance test across seeds.
+
+Only complete runs enter the means; failed, interrupted or unpublished runs are listed apart.
+Runs are grouped by their config hash (everything except seed, device, paths and verbosity), so two
+runs only share a row when they ran the same configuration; the variant label shows the overrides that
+tell rows of the same method apart.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from rich.console import Console
+from rich.table import Table
+
+from autorecbench.errors import UserError
+from autorecbench.results import RunRecord, discover, read_record
+
+KEYS = ["dataset", "task", "model", "method", "variant"]
+TASK_METRICS = {"binary": ["accuracy", "mse", "logloss", "auc"], "multiclass": ["accuracy", "ce", "auc"]}
+COST_METRICS = ["interactions_per_second", "embedding_bytes", "wall_seconds"]
+LOWER_IS_BETTER = {"mse", "logloss", "ce", "embedding_bytes", "wall_seconds"}
+FORMATS = ("table", "markdown", "csv", "latex", "json")
+
+
+@dataclass
+class Comparison:
+    """Aggregated rows (one per group) and the runs left out of them."""
+
+    rows: pl.DataFrame
+    metrics: list[str]
+    incomplete: list[RunRecord]
+    baseline: str | None
+    n_runs: int
+
+
+def _load(records: list[RunRecord], split: str) -> pl.DataFrame:
+    frames = []
+    for rec in records:
+        info = rec.info or {}
+        frame = pl.read_parquet(rec.path / "metrics.parquet")
+        frame = frame.filter(pl.col("split").is_in([split, "cost"])).with_columns(
+            pl.lit(str(info.get("model", ""))).alias("model"),
+            pl.lit(str(info.get("variant", ""))).alias("variant"),
+            pl.lit(str(info.get("config_hash", ""))).alias("config_hash"),
+            pl.lit(str(rec.path)).alias("path"),
+        )
+        frames.append(frame)
+    return pl.concat(frames, how="vertical_relaxed")
+
+
+def _disambiguate(per_run: pl.DataFrame) -> pl.DataFrame:
+    """Same label but different config hash (e.g. defaults changed between versions): tag with the hash."""
+    clash = per_run.group_by(KEYS).agg(pl.col("config_hash").n_unique().alias("k")).filter(pl.col("k") > 1)
+    if clash.height == 0:
+        return per_run
+    flagged = per_run.join(clash.select(KEYS).with_columns(pl.lit(True).alias("clash")), on=KEYS, how="left")
+    return flagged.with_columns(
+        pl.when(pl.col("clash"))
+        .then(pl.concat_str(pl.col("variant"), pl.lit(" #"), pl.col("config_hash").str.slice(0, 6)).str.strip_chars())
+        .otherwise(pl.col("variant"))
+        .alias("variant")
+    ).drop("clash")
+
+
+def _significance(values: list[float], seeds: list[int], base_values: list[float], base_seeds: list[int]) -> tuple[float, str]:
+    """Paired t-test on the seeds both groups share (>= 2), else Welch's t-test (>= 2 runs each)."""
+    from scipy import stats
+
+    ours = dict(zip(seeds, values))
+    theirs = dict(zip(base_seeds, base_values))
+    common = sorted(set(ours) & set(theirs))
+    if len(common) >= 2:
+        a = [ours[s] for s in common]
+        b = [theirs[s] for s in common]
+        if all(x == y for x, y in zip(a, b)):
+            return 1.0, "paired"
+        return float(stats.ttest_rel(a, b).pvalue), "paired"
+    if len(values) >= 2 and len(base_values) >= 2:
+        return float(stats.ttest_ind(values, base_values, equal_var=False).pvalue), "welch"
+    return math.nan, "none"
+
+
+def compare(paths: Sequence[str], baseline: str | None = None, metrics: Sequence[str] | None = None,
+            split: str = "eval") -> Comparison:
+    folders = discover(paths)
+    if not folders:
+        raise UserError(f"no runs found under {', '.join(paths)}")
+    records = [read_record(p) for p in folders]
+    complete = [r for r in records if r.complete]
+    incomplete = [r for r in records if not r.complete]
+    if not complete:
+        return Comparison(pl.DataFrame(), [], incomplete, baseline, 0)
+    long = _load(complete, split)
+    tasks = long["task"].unique().to_list()
+    wanted = list(metrics) if metrics else [m for t in ("binary", "multiclass") if t in tasks for m in TASK_METRICS[t]]
+    wanted = list(dict.fromkeys(wanted))
+    available = set(long["metric"].unique().to_list())
+    unknown = [m for m in wanted if m not in available]
+    if metrics and unknown:
+        raise UserError(f"unknown metric(s) {', '.join(unknown)}; available: {', '.join(sorted(available))}")
+    wanted = [m for m in wanted if m in available]
+    columns = wanted + [m for m in COST_METRICS if m in available and m not in wanted]
+    per_run = (
+        long.filter(pl.col("metric").is_in(columns))
+        .pivot(on="metric", index=["run_id", "path", "seed", "config_hash", *KEYS], values="value",
+               aggregate_function="first")
+    )
+    for m in columns:
+        if m not in per_run.columns:
+            per_run = per_run.with_columns(pl.lit(None, dtype=pl.Float64).alias(m))
+    per_run = _disambiguate(per_run)
+    grouped = (
+        per_run.group_by(KEYS, maintain_order=True)
+        .agg(
+            pl.len().alias("n"),
+            pl.col("seed").sort().alias("seeds"),
+            *[pl.col(m).mean().alias(f"{m}_mean") for m in columns],
+            *[pl.col(m).std(ddof=1).alias(f"{m}_std") for m in columns],
+            *[pl.col(m).sort_by("seed").alias(f"{m}_values") for m in columns],
+        )
+        .sort(KEYS)
+    )
+    if baseline is not None:
+        grouped = _add_baseline(grouped, baseline, wanted)
+    drop = [f"{m}_values" for m in columns]
+    return Comparison(grouped.drop(drop), columns, incomplete, baseline, len(complete))
+
+
+def _add_baseline(grouped: pl.DataFrame, baseline: str, metrics: list[str]) -> pl.DataFrame:
+    if baseline not in grouped["method"].unique().to_list():
+        raise UserError(f"baseline method {baseline!r} has no complete runs among these results")
+    rows = grouped.to_dicts()
+    by_context: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        if row["method"] == baseline:
+            by_context.setdefault((row["dataset"], row["task"], row["model"]), []).append(row)
+    out = []
+    for row in rows:
+        candidates = by_context.get((row["dataset"], row["task"], row["model"]), [])
+        base = next((c for c in candidates if c["variant"] == ""), candidates[0] if len(candidates) == 1 else None)
+        for m in metrics:
+            delta, p, test = None, None, None
+            if base is not None and base is not row and row[f"{m}_mean"] is not None and base[f"{m}_mean"] is not None:
+                delta = row[f"{m}_mean"] - base[f"{m}_mean"]
+                p, test = _significance(row[f"{m}_values"], row["seeds"], base[f"{m}_values"], base["seeds"])
+                p = None if math.isnan(p) else p
+            row[f"{m}_delta"], row[f"{m}_p"], row[f"{m}_test"] = delta, p, test
+        out.append(row)
+    return pl.DataFrame(out, infer_schema_length=None)
+
+
+# ---------------------------------------------------------------- rendering
+
+def _fmt(value: float | None, metric: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if metric == "embedding_bytes":
+        return f"{value / 2**20:,.2f}"
+    if metric == "interactions_per_second":
+        return f"{value:,.0f}"
+    if metric == "wall_seconds":
+        return f"{value:,.1f}"
+    return f"{value:.4f}"
+
+
+def _header(metric: str) -> str:
+    return {"embedding_bytes": "emb MiB", "interactions_per_second": "int/s", "wall_seconds": "wall s"}.get(metric, metric)
+
+
+def display_rows(cmp: Comparison) -> tuple[list[str], list[list[str]]]:
+    """Header and string cells, shared by every text format."""
+    rows = cmp.rows
+    show_model = rows["model"].n_unique() > 1
+    show_variant = (rows["variant"] != "").any()
+    header = ["dataset", "task", *(["model"] if show_model else []), "method", *(["variant"] if show_variant else []), "n"]
+    for m in cmp.metrics:
+        header.append(_header(m))
+        if cmp.baseline and f"{m}_delta" in rows.columns:
+            header += [f"Δ {_header(m)}", "p"]
+    cells = []
+    for row in rows.to_dicts():
+        line = [row["dataset"], row["task"], *([row["model"]] if show_model else []), row["method"],
+                *([row["variant"]] if show_variant else []), str(row["n"])]
+        for m in cmp.metrics:
+            mean, std = row[f"{m}_mean"], row[f"{m}_std"]
+            text = _fmt(mean, m)
+            if std is not None and not math.isnan(std) and text != "–":
+                text += f" ± {_fmt(std, m)}"
+            line.append(text)
+            if cmp.baseline and f"{m}_delta" in rows.columns:
+                delta, p = row.get(f"{m}_delta"), row.get(f"{m}_p")
+                line.append("–" if delta is None else f"{delta:+.4f}" if m not in COST_METRICS else f"{delta:+,.1f}")
+                line.append("–" if p is None else f"{p:.3g}")
+        cells.append(line)
+    return header, cells
+
+
+def render(cmp: Comparison, fmt: str, console: Console) -> str | None:
+    """Rich table printed to ``console`` for ``table``; the text of the export otherwise."""
+    if fmt not in FORMATS:
+        raise UserError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    incomplete = [{"path": str(r.path), "status": r.status, "error": (r.error or "").splitlines()[0] if r.error else ""}
+                  for r in cmp.incomplete]
+    if fmt == "json":
+        payload = {"runs": cmp.n_runs, "baseline": cmp.baseline, "metrics": cmp.metrics,
+                   "groups": cmp.rows.to_dicts() if cmp.rows.height else [], "incomplete": incomplete}
+        return json.dumps(payload, indent=2, default=str) + "\n"
+    if fmt == "csv":
+        return cmp.rows.with_columns(pl.col("seeds").list.eval(pl.element().cast(pl.String)).list.join(" ")).write_csv() \
+            if cmp.rows.height else ""
+    header, cells = display_rows(cmp) if cmp.rows.height else ([], [])
+    if fmt in ("markdown", "latex"):
+        from tabulate import tabulate
+
+        style = "github" if fmt == "markdown" else "latex_booktabs"
+        text = tabulate(cells, headers=header, tablefmt=style, disable_numparse=True) + "\n" if cells else ""
+        if incomplete:
+            text += "\n" + tabulate([list(r.values()) for r in incomplete], headers=["path", "status", "error"],
+                                    tablefmt=style, disable_numparse=True) + "\n"
+        return text
+    if cells:
+        table = Table(title=f"{cmp.n_runs} complete run(s)" + (f", baseline {cmp.baseline}" if cmp.baseline else ""))
+        for h in header:
+            table.add_column(h, justify="left" if h in KEYS or h == "task" else "right", no_wrap=True)
+        for line in cells:
+            table.add_row(*line)
+        console.print(table)
+    if incomplete:
+        table = Table(title="Incomplete or failed runs (not in the means)", title_style="bold yellow")
+        for h in ("path", "status", "error"):
+            table.add_column(h)
+        for r in incomplete:
+            table.add_row(r["path"], r["status"], r["error"])
+        console.print(table)
+    return None
+
+
+def write(text: str, output: Path | None, console: Console) -> None:
+    if output is None:
+        console.out(text, end="", highlight=False)
+    else:
+        output.write_text(text)

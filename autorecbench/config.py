@@ -1,0 +1,134 @@
+"""Hydra config composition for the CLI: locating ``conf/``, composing, expanding sweeps, validating.
+
+Runs go through Hydra's own entry point (so multirun, launchers such as ``hydra/launcher=joblib`` and
+sweepers work as documented); before that, every combination of a sweep is composed and checked here,
+so a bad override stops the command with one line before anything runs or is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from autorecbench.errors import UserError
+
+CONFIG_NAME = "config"
+# Keys that say where or how verbosely a run happens, not what is run: left out of the config hash.
+NON_SEMANTIC_KEYS = ("seed", "quiet", "device", "paths", "hydra")
+# Overrides that already appear as their own columns in comparisons.
+IDENTITY_OVERRIDES = ("seed", "data", "method", "task", "device", "quiet", "model")
+
+
+def config_dir() -> Path:
+    """``$AUTORECBENCH_CONFIG_DIR``, else the ``conf/`` folder beside the package."""
+    env = os.environ.get("AUTORECBENCH_CONFIG_DIR")
+    path = Path(env) if env else Path(__file__).resolve().parent.parent / "conf"
+    if not (path / f"{CONFIG_NAME}.yaml").is_file():
+        raise UserError(f"config folder not found: {path} (set AUTORECBENCH_CONFIG_DIR)")
+    return path
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def compose(overrides: list[str] | None = None) -> DictConfig:
+    """The composed config for one combination of overrides (no sweep syntax)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides or []))
+    except (HydraException, OmegaConfBaseException, ValueError) as exc:
+        raise UserError(f"bad config override: {_first_line(exc)}") from None
+    return cfg
+
+
+def expand_sweep(overrides: list[str]) -> list[list[str]]:
+    """Every combination of a multirun's overrides (``seed=0,1,2 method=a,b`` gives six lists)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides=list(overrides))
+        batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)
+    except HydraException as exc:
+        raise UserError(f"bad override: {_first_line(exc)}") from None
+    return [combo for batch in batches for combo in batch]
+
+
+def resolved(cfg: DictConfig) -> dict[str, Any]:
+    try:
+        container = OmegaConf.to_container(cfg, resolve=True)
+    except Exception as exc:  # interpolation errors name the key
+        raise UserError(f"bad config: {_first_line(exc)}") from None
+    assert isinstance(container, dict)
+    return container
+
+
+def validate(cfg: DictConfig) -> None:
+    """Static checks of a composed config, before any data is read or folder created."""
+    from autorecbench.data.cache import DatasetConfig
+    from autorecbench.data.schema import TaskSpec
+    from autorecbench.methods.base import method_class
+    from autorecbench.models import model_class
+
+    resolved(cfg)
+    TaskSpec.from_name(str(cfg.task))
+    method_class(str(cfg.method.name))
+    model_class(str(cfg.model.name))
+    DatasetConfig.from_mapping(cfg.data)
+    resolve_device(str(cfg.device))
+    from autorecbench.execute import runner_config
+
+    runner_config(cfg)
+
+
+def resolve_device(name: str) -> Any:
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={name} but CUDA is not available on this machine (use device=cpu or auto)")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"unsupported device {name!r}: use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Identity of what a run computes: the unresolved config without seed, device, paths or verbosity.
+
+    Unresolved, so that interpolations of the seed (``runner.order_seed: ${seed}``) do not split seeds of
+    one experiment into different groups.
+    """
+    container = OmegaConf.to_container(cfg, resolve=False)
+    assert isinstance(container, dict)
+    for key in NON_SEMANTIC_KEYS:
+        container.pop(key, None)
+    return hashlib.sha256(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def variant_label(overrides: list[str]) -> str:
+    """The overrides that distinguish a run beyond dataset, task, method and seed, e.g. ``method.embedding_dim=64``."""
+    kept = []
+    for item in overrides:
+        key = item.split("=", 1)[0].lstrip("+~")
+        if key in IDENTITY_OVERRIDES or key.startswith(("paths.", "hydra", "experiment")):
+            continue
+        kept.append(item)
+    return " ".join(sorted(kept))

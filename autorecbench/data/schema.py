@@ -1,0 +1,100 @@
+"""Plain records describing a prepared dataset and a prediction task."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from autorecbench.errors import UserError
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What is predicted from a rating.
+
+    ``binary``: rating >= 4 is positive (with half stars, rating > 3.5), as in the ESAPN paper §3.4.
+    ``multiclass``: five classes, class = ceil(rating) - 1, so 0.5/1 -> 0, 1.5/2 -> 1, ..., 4.5/5 -> 4.
+    """
+
+    name: str
+    n_classes: int
+
+    @staticmethod
+    def from_name(name: str) -> TaskSpec:
+        if name == "binary":
+            return TaskSpec("binary", 2)
+        if name == "multiclass":
+            return TaskSpec("multiclass", 5)
+        raise UserError(f"unknown task {name!r}: choose task=binary or task=multiclass")
+
+    @property
+    def is_binary(self) -> bool:
+        return self.name == "binary"
+
+    @property
+    def n_outputs(self) -> int:
+        """Width of the model's last layer: one logit for binary, one per class otherwise."""
+        return 1 if self.is_binary else self.n_classes
+
+    def labels(self, rating: torch.Tensor) -> torch.Tensor:
+        if self.is_binary:
+            return (rating > 3.5).to(torch.float32)
+        return (torch.ceil(rating) - 1).clamp(0, self.n_classes - 1).to(torch.int64)
+
+
+@dataclass
+class FieldSpec:
+    name: str
+    cardinality: int
+    kind: str = "categorical"
+
+
+@dataclass
+class Schema:
+    """A prepared dataset: its fields, size, provenance and the cache fingerprint."""
+
+    dataset: str
+    family: str
+    fingerprint: str
+    fields: list[FieldSpec]
+    n_rows: int
+    time_min: int
+    time_max: int
+    rating_values: list[float]
+    source: dict[str, Any]
+    options: dict[str, Any]
+    rows_in_file: int
+    created_at: str
+    cache_version: int
+    expected: dict[str, int] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def cardinality(self, name: str) -> int:
+        for f in self.fields:
+            if f.name == name:
+                return f.cardinality
+        raise KeyError(name)
+
+    @property
+    def n_users(self) -> int:
+        return self.cardinality("user")
+
+    @property
+    def n_items(self) -> int:
+        return self.cardinality("item")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @staticmethod
+    def load(path: Path) -> Schema:
+        raw = json.loads(path.read_text())
+        raw["fields"] = [FieldSpec(**f) for f in raw["fields"]]
+        return Schema(**raw)

@@ -1,0 +1,176 @@
+"""A prepared dataset as device-resident tensors in stream order, cut into mini-batches by slicing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import polars as pl
+import torch
+
+from autorecbench.data.cache import PreparedData
+from autorecbench.data.schema import TaskSpec
+from autorecbench.errors import UserError
+
+
+def occurrence_index(ids: torch.Tensor, n_ids: int) -> torch.Tensor:
+    """1-based occurrence number of each row's id along the stream: the id's frequency at that row.
+
+    The i-th row with a given id gets i (its first appearance 1), computed with one stable sort, no loops.
+    """
+    order = torch.sort(ids, stable=True).indices
+    counts = torch.bincount(ids, minlength=n_ids)
+    starts = torch.cumsum(counts, 0) - counts
+    sorted_ids = ids[order]
+    rank = torch.arange(ids.numel(), device=ids.device) - starts[sorted_ids]
+    out = torch.empty_like(ids)
+    out[order] = rank + 1
+    return out
+
+
+@dataclass
+class StreamBatch:
+    """Rows of the stream: ``start:end`` for a slice, -1 for sampled rows. ``*_freq`` is each entity's
+    occurrence number at that row (>= 1)."""
+
+    index: int
+    start: int
+    end: int
+    user: torch.Tensor
+    item: torch.Tensor
+    rating: torch.Tensor
+    label: torch.Tensor
+    user_freq: torch.Tensor
+    item_freq: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.user.numel())
+
+
+@dataclass
+class Stream:
+    """All rows in stream order on one device, plus their labels for one task."""
+
+    user: torch.Tensor
+    item: torch.Tensor
+    rating: torch.Tensor
+    timestamp: torch.Tensor
+    label: torch.Tensor
+    user_freq: torch.Tensor
+    item_freq: torch.Tensor
+    n_users: int
+    n_items: int
+    task: TaskSpec
+    order: str
+
+    def __len__(self) -> int:
+        return int(self.user.numel())
+
+    def rows(self, index: torch.Tensor | slice, batch_index: int = -1) -> StreamBatch:
+        """Any rows (a slice, or an index tensor for sampled history) as a batch."""
+        # start/end locate a contiguous slice in the stream; sampled rows have none (-1).
+        start, end = (index.start or 0, index.stop) if isinstance(index, slice) else (-1, -1)
+        return StreamBatch(
+            index=batch_index,
+            start=start,
+            end=end,
+            user=self.user[index],
+            item=self.item[index],
+            rating=self.rating[index],
+            label=self.label[index],
+            user_freq=self.user_freq[index],
+            item_freq=self.item_freq[index],
+        )
+
+    def batch_bounds(self, batch_size: int) -> list[tuple[int, int]]:
+        """Consecutive [start, end) ranges of ``batch_size`` rows. A final remainder of one row joins the
+        batch before it, since batch-norm needs at least two rows in a batch."""
+        if batch_size < 2:
+            raise UserError("runner.batch_size must be >= 2 (batch-norm needs two rows)")
+        n = len(self)
+        bounds = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+        if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < 2:
+            last = bounds.pop()
+            bounds[-1] = (bounds[-1][0], last[1])
+        return bounds
+
+
+def load_stream(
+    prepared: PreparedData,
+    task: TaskSpec,
+    device: torch.device,
+    *,
+    order: str = "time",
+    order_seed: int = 0,
+    max_rows: int | None = None,
+) -> Stream:
+    """Read the cache into tensors on ``device``.
+
+    ``order=time`` keeps the cache's timestamp order (stable on ties); ``order=random`` applies a permutation
+    drawn on the CPU from ``order_seed`` (so the same seed gives the same stream on every device).
+    ``max_rows`` keeps only the first rows of the ordered stream.
+    """
+    frame = pl.read_parquet(prepared.interactions_path)
+    cols = {name: torch.from_numpy(frame[name].to_numpy()) for name in ("user", "item", "rating", "timestamp")}
+    if order == "random":
+        perm = torch.randperm(frame.height, generator=torch.Generator().manual_seed(int(order_seed)))
+        cols = {k: v[perm] for k, v in cols.items()}
+    elif order != "time":
+        raise UserError(f"unknown runner.order {order!r}: choose time or random")
+    if max_rows is not None:
+        if max_rows < 2:
+            raise UserError("runner.max_rows must be >= 2")
+        cols = {k: v[:max_rows] for k, v in cols.items()}
+    user = cols["user"].to(device=device, dtype=torch.int64)
+    item = cols["item"].to(device=device, dtype=torch.int64)
+    rating = cols["rating"].to(device=device, dtype=torch.float32)
+    schema = prepared.schema
+    return Stream(
+        user=user,
+        item=item,
+        rating=rating,
+        timestamp=cols["timestamp"].to(device),
+        label=task.labels(rating),
+        user_freq=occurrence_index(user, schema.n_users),
+        item_freq=occurrence_index(item, schema.n_items),
+        n_users=schema.n_users,
+        n_items=schema.n_items,
+        task=task,
+        order=order,
+    )
+
+
+class StreamHistory:
+    """What a method may look at besides the current batch: the rows already seen, and running counters.
+
+    ``user_count`` / ``item_count`` hold how many interactions of each entity have been seen (and trained
+    on) before the current batch; methods can read them as state. ``sample`` draws a validation batch from
+    the history uniformly with replacement; ``last_batch`` is the batch just before the current one.
+    """
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+        device = stream.user.device
+        self.user_count = torch.zeros(stream.n_users, dtype=torch.int64, device=device)
+        self.item_count = torch.zeros(stream.n_items, dtype=torch.int64, device=device)
+        self.n_seen = 0
+        self._last: tuple[int, int] | None = None
+
+    def advance(self, batch: StreamBatch) -> None:
+        """Called by the runner after the method has learned from ``batch``."""
+        ones = torch.ones_like(batch.user)
+        self.user_count.index_add_(0, batch.user, ones)
+        self.item_count.index_add_(0, batch.item, ones)
+        self.n_seen = batch.end
+        self._last = (batch.start, batch.end)
+
+    def last_batch(self) -> StreamBatch | None:
+        if self._last is None:
+            return None
+        start, end = self._last
+        return self.stream.rows(slice(start, end))
+
+    def sample(self, n: int, generator: torch.Generator) -> StreamBatch | None:
+        if self.n_seen == 0:
+            return None
+        idx = torch.randint(self.n_seen, (n,), generator=generator, device=generator.device)
+        return self.stream.rows(idx.to(self.stream.user.device))

@@ -1,0 +1,26 @@
+"""User-facing errors: printed as one line by the CLI, which then exits with code 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad input, missing file, bad option). Never a bug."""
+
+
+class DataFormatError(UserError):
+    """A raw data file does not match its published format.
+
+    The message always names the file, and the 1-based line when one row is at fault.
+    """
+
+    def __init__(self, path: str | Path, message: str, line: int | None = None) -> None:
+        self.path = str(path)
+        self.line = line
+        where = f"{self.path}:{line}" if line is not None else self.path
+        super().__init__(f"{where}: {message}")
+
+
+class MissingDataError(UserError):
+    """The raw files of a dataset are not where the config says."""

@@ -1,0 +1,178 @@
+"""One benchmark run, end to end: config -> data -> method -> runner -> run folder.
+
+Everything that can be checked before work starts (config, raw files, cache) is checked first and
+raises :class:`UserError` with nothing written. Once the run folder exists, a failure is recorded in it
+(``status: failed``) rather than deleted, so ``compare`` can list it apart.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import random
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from autorecbench import envinfo
+from autorecbench.config import config_hash, resolve_device, resolved, variant_label
+from autorecbench.data.cache import DatasetConfig, PreparedData, prepare
+from autorecbench.data.schema import TaskSpec
+from autorecbench.data.stream import load_stream
+from autorecbench.errors import UserError
+from autorecbench.methods.base import MethodContext, method_class
+from autorecbench.results import RunFolder, make_run_id
+from autorecbench.runners.streaming import BatchHook, Progress, StreamingConfig, StreamingRunner
+
+log = logging.getLogger("autorecbench")
+
+
+def runner_config(cfg: DictConfig) -> StreamingConfig:
+    options = resolved(cfg)["runner"]
+    name = options.pop("name", "streaming")
+    if name != "streaming":
+        raise UserError(f"unknown runner {name!r}; available: streaming")
+    try:
+        return StreamingConfig(**options)
+    except TypeError as exc:
+        raise UserError(f"bad runner config: {exc}") from None
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        # cuBLAS needs this to be deterministic; harmless on the CPU.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def prepare_data(cfg: DictConfig) -> PreparedData:
+    return prepare(DatasetConfig.from_mapping(cfg.data))
+
+
+def _cost_rows(summary: dict[str, Any], memory: dict[str, Any], wall: float, peak_rss: int) -> list[dict[str, Any]]:
+    values = {
+        "wall_seconds": wall,
+        "stream_seconds": summary["stream_seconds"],
+        "interactions_per_second": summary["interactions_per_second"],
+        "embedding_bytes": memory["embedding_bytes"],
+        "embedding_optimizer_bytes": memory["embedding_optimizer_bytes"],
+        "parameters": memory["parameters"],
+        "peak_rss_bytes": peak_rss,
+    }
+    return [{"split": "cost", "metric": k, "value": float(v)} for k, v in values.items()]
+
+
+def execute(
+    cfg: DictConfig,
+    overrides: list[str],
+    progress: Progress | None = None,
+    hook: BatchHook | None = None,
+    on_folder: Callable[[Path], None] | None = None,
+) -> Path:
+    """Run the configured pair and return the finished run folder."""
+    started_wall = dt.datetime.now()
+    t0 = time.perf_counter()
+    task = TaskSpec.from_name(str(cfg.task))
+    device = resolve_device(str(cfg.device))
+    seed = int(cfg.seed)
+    runner_cfg = runner_config(cfg)
+    method_cls = method_class(str(cfg.method.name))
+
+    prepared = prepare_data(cfg)  # UserError here: nothing written yet
+    schema = prepared.schema
+    seed_everything(seed, bool(cfg.deterministic))
+    stream = load_stream(
+        prepared, task, device, order=runner_cfg.order, order_seed=runner_cfg.order_seed, max_rows=runner_cfg.max_rows
+    )
+    method = method_cls(MethodContext(schema, task, cfg.method, cfg.model, device, seed))
+
+    run_id = make_run_id(started_wall, schema.dataset, task.name, method_cls.name, seed)
+    folder = RunFolder(Path(str(cfg.paths.results_dir)), run_id)
+    if on_folder:
+        on_folder(folder.path)
+    ids = {"dataset": schema.dataset, "task": task.name, "method": method_cls.name, "seed": seed}
+    info: dict[str, Any] = {
+        "run_id": folder.run_id,
+        "status": "running",
+        "started_at": started_wall.astimezone().isoformat(timespec="seconds"),
+        **ids,
+        "model": str(cfg.model.name),
+        "runner": "streaming",
+        "device": str(device),
+        "overrides": list(overrides),
+        "variant": variant_label(list(overrides)),
+        "config_hash": config_hash(cfg),
+        "command": sys.argv,
+        "method_info": {
+            "paper": method_cls.paper,
+            "faithful": method_cls.faithful,
+            "fidelity": method_cls.fidelity,
+        },
+        "data": {
+            "fingerprint": schema.fingerprint,
+            "cache_dir": str(prepared.directory),
+            "source": schema.source,
+            "n_rows": schema.n_rows,
+            "n_users": schema.n_users,
+            "n_items": schema.n_items,
+            "time_min": schema.time_min,
+            "time_max": schema.time_max,
+        },
+        "git": envinfo.git_state(),
+        "versions": envinfo.package_versions(),
+        "hardware": envinfo.hardware(device),
+    }
+    try:
+        folder.write_text("config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        folder.write_json("run.json", info)
+        log.info("run %s: %s on %s (%s task, %d rows, device %s)", folder.run_id, method_cls.name,
+                 schema.dataset, task.name, len(stream), device)
+        result = StreamingRunner(runner_cfg, progress, hook).run(method, stream)
+        memory = method.memory().to_dict()
+        wall = time.perf_counter() - t0
+        peak_rss = envinfo.peak_rss_bytes()
+        summary = result.summary()
+        folder.write_table("metrics", ids, result.metrics + _cost_rows(summary, memory, wall, peak_rss))
+        folder.write_table("curve", ids, result.curve)
+        folder.write_table("buckets", ids, result.buckets)
+        folder.write_json("architecture.json", method.architecture())
+        info.update(
+            status="complete",
+            finished_at=dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            wall_seconds=wall,
+            stream={
+                "order": runner_cfg.order,
+                "order_seed": runner_cfg.order_seed,
+                "max_rows": runner_cfg.max_rows,
+                "batch_size": runner_cfg.batch_size,
+                **summary,
+            },
+            memory=memory,
+            peak_rss_bytes=peak_rss,
+            cuda_peak_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+            metrics={r["metric"]: r["value"] for r in result.metrics if r["split"] == "eval"},
+        )
+        folder.write_json("run.json", info)
+        final = folder.finalize()
+    except BaseException as exc:
+        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        info.update(status=status, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+        try:
+            folder.write_json("run.json", info)
+        except OSError:
+            pass
+        raise
+    log.info("run %s complete in %.1fs (%.0f interactions/s)", final.name, info["wall_seconds"],
+             summary["interactions_per_second"])
+    return final

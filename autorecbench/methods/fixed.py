@@ -1,0 +1,82 @@
+"""FIXED (ESAPN paper §3.3): the deep recommendation model of §2.2 with one embedding size for every
+user and every item (128 in the paper; the official code uses 222, the sum of the candidate sizes:
+``method.embedding_dim=222``).
+
+Choices the paper leaves open, as config values (``conf/method/fixed.yaml``):
+- ``embedding_optimizer: lazy`` updates only the embedding rows a batch touches (see ``autorecbench.optim``);
+  ``dense`` is the paper's plain Adam over all rows. Both use the paper's Adam learning rate 1e-3.
+- ``init_std: 1.0``: tables start N(0, 1), PyTorch's embedding default, which the official code keeps.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from autorecbench.data.stream import StreamBatch, StreamHistory
+from autorecbench.methods.base import MemoryReport, MethodContext, StreamingMethod, register_method
+from autorecbench.models import model_class
+from autorecbench.models.rating import output_probabilities, per_example_loss, reduce_loss
+from autorecbench.optim import SplitAdam, embedding_table, tensor_bytes
+
+
+@register_method
+class Fixed(StreamingMethod):
+    name = "fixed"
+    description = "One embedding size for every user and item (ESAPN paper's FIXED baseline)"
+    paper = "Liu et al., SIGIR 2020, §3.3"
+
+    def __init__(self, ctx: MethodContext) -> None:
+        super().__init__(ctx)
+        cfg, model_cfg = ctx.cfg, ctx.model_cfg
+        self.dim = int(cfg.embedding_dim)
+        mode = str(cfg.embedding_optimizer)
+        self.user_table = embedding_table(ctx.schema.n_users, self.dim, mode, float(cfg.init_std))
+        self.item_table = embedding_table(ctx.schema.n_items, self.dim, mode, float(cfg.init_std))
+        self.model = model_class(str(model_cfg.name))(
+            n_fields=2,
+            dim=self.dim,
+            n_outputs=ctx.task.n_outputs,
+            hidden=list(model_cfg.hidden),
+            batch_norm=str(model_cfg.batch_norm),
+        )
+        self.reduction = str(model_cfg.loss_reduction)
+        for module in (self.user_table, self.item_table, self.model):
+            module.to(ctx.device)
+        self.optimizer = SplitAdam(
+            [self.user_table.weight, self.item_table.weight], self.model.parameters(), float(cfg.lr), mode
+        )
+
+    def _logits(self, batch: StreamBatch) -> torch.Tensor:
+        return self.model([self.user_table(batch.user), self.item_table(batch.item)])
+
+    def predict(self, batch: StreamBatch) -> torch.Tensor:
+        self.model.eval()
+        return output_probabilities(self.ctx.task, self._logits(batch))
+
+    def learn(self, batch: StreamBatch, history: StreamHistory) -> torch.Tensor:
+        self.model.train()
+        self.optimizer.zero_grad()
+        loss = reduce_loss(per_example_loss(self.ctx.task, self._logits(batch), batch.label), self.reduction)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    def memory(self) -> MemoryReport:
+        tables = (self.user_table.weight, self.item_table.weight)
+        dense = sum(p.numel() for p in self.model.parameters())
+        embedding = sum(t.numel() for t in tables)
+        return MemoryReport(
+            embedding_bytes=sum(tensor_bytes(t) for t in tables),
+            embedding_optimizer_bytes=self.optimizer.embedding_state_bytes(),
+            parameters=embedding + dense,
+            embedding_parameters=embedding,
+            dims={
+                "user": {str(self.dim): self.ctx.schema.n_users},
+                "item": {str(self.dim): self.ctx.schema.n_items},
+            },
+        )
+
+    def architecture(self) -> dict[str, Any]:
+        return {"embedding_dim": {"user": self.dim, "item": self.dim}}

@@ -1,0 +1,80 @@
+"""The deep recommendation model of the ESAPN paper (Liu et al., SIGIR 2020, §2.2, Figure 2).
+
+Given one unified embedding per field (user, item), each of dimension d_n:
+    e -> batch-norm -> tanh                      (per field, "following [28]")
+    h_1 = tanh(W_1 [e_u : e_i] + b_1), ..., h_m  (MLP, m hidden layers, 512 units in §3.2)
+    output: sigmoid(w^T h_m + b) for the binary task, softmax(W h_m + b) for the 5-class task.
+Losses: MSE on the sigmoid output (Eq. 3) for binary, cross-entropy (Eq. 4) for multiclass.
+
+Choices the paper leaves open, as config values (``conf/model/rating_mlp.yaml``):
+- ``batch_norm: batch`` normalises with the statistics of the batch being processed, in prediction too,
+  like the official code (which never calls ``eval()``); ``running`` uses running statistics when predicting.
+- The paper writes ``tanh(W x) + b``; we use the standard ``tanh(W x + b)`` (the official code does too).
+- ``loss_reduction: mean`` as Eq. 3/4; the official code sums over the batch (``sum``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autorecbench.data.schema import TaskSpec
+from autorecbench.errors import UserError
+from autorecbench.models import register_model
+
+
+def embedding_norm(dim: int, batch_norm: str) -> nn.BatchNorm1d:
+    if batch_norm not in ("batch", "running"):
+        raise UserError(f"model.batch_norm must be 'batch' or 'running', got {batch_norm!r}")
+    return nn.BatchNorm1d(dim, track_running_stats=batch_norm == "running")
+
+
+@register_model("rating_mlp")
+class RatingMLP(nn.Module):
+    def __init__(
+        self,
+        n_fields: int,
+        dim: int,
+        n_outputs: int,
+        hidden: Sequence[int] = (512,),
+        batch_norm: str = "batch",
+    ) -> None:
+        super().__init__()
+        self.norms = nn.ModuleList(embedding_norm(dim, batch_norm) for _ in range(n_fields))
+        layers: list[nn.Module] = []
+        width = n_fields * dim
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.Tanh()]
+            width = h
+        layers.append(nn.Linear(width, n_outputs))
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, fields: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Logits ``[batch, n_outputs]`` from one ``[batch, dim]`` embedding per field."""
+        normed = [torch.tanh(norm(e)) for norm, e in zip(self.norms, fields)]
+        return self.mlp(torch.cat(normed, dim=1))
+
+
+def output_probabilities(task: TaskSpec, logits: torch.Tensor) -> torch.Tensor:
+    """P(y=1) ``[batch]`` for binary, class probabilities ``[batch, classes]`` for multiclass."""
+    if task.is_binary:
+        return torch.sigmoid(logits[:, 0])
+    return torch.softmax(logits, dim=1)
+
+
+def per_example_loss(task: TaskSpec, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Eq. 3 (squared error of the sigmoid output) or Eq. 4 (cross-entropy), one value per example."""
+    if task.is_binary:
+        return (torch.sigmoid(logits[:, 0]) - label) ** 2
+    return F.cross_entropy(logits, label, reduction="none")
+
+
+def reduce_loss(losses: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return losses.mean()
+    if reduction == "sum":
+        return losses.sum()
+    raise UserError(f"model.loss_reduction must be 'mean' or 'sum', got {reduction!r}")

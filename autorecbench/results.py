@@ -1,0 +1,159 @@
+"""Run folders: written atomically, in a documented Parquet schema, and read back for ``compare``.
+
+A run writes into ``<results_dir>/<run_id>.partial/`` and renames it to ``<results_dir>/<run_id>/`` once
+every file is complete, so a folder without the suffix is always a finished run. A run that fails keeps
+its ``.partial`` folder with ``run.json`` saying ``"status": "failed"`` and the error; a run killed
+outright leaves ``"status": "running"``. ``compare`` lists both apart and never averages them.
+
+Files of a finished run (all Parquet tables in long format; the first five columns identify the run):
+- ``config.yaml``: the resolved config.
+- ``run.json``: status, seed, overrides, config hash, git commit, package versions, hardware, wall time,
+  throughput, evaluation window, memory, dataset provenance.
+- ``metrics.parquet``: run_id, dataset, task, method, seed, split, metric, value.
+- ``curve.parquet``: run_id, dataset, task, method, seed, window, start, end, n, metric, value.
+- ``buckets.parquet``: run_id, dataset, task, method, seed, entity, bucket, freq_min, freq_max, label, n,
+  metric, value.
+- ``architecture.json``: what the method's search chose.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+PARTIAL_SUFFIX = ".partial"
+
+ID_SCHEMA: dict[str, Any] = {
+    "run_id": pl.String,
+    "dataset": pl.String,
+    "task": pl.String,
+    "method": pl.String,
+    "seed": pl.Int64,
+}
+TABLE_SCHEMAS: dict[str, dict[str, Any]] = {
+    "metrics": {"split": pl.String, "metric": pl.String, "value": pl.Float64},
+    "curve": {
+        "window": pl.Int64, "start": pl.Int64, "end": pl.Int64, "n": pl.Int64,
+        "metric": pl.String, "value": pl.Float64,
+    },
+    "buckets": {
+        "entity": pl.String, "bucket": pl.Int64, "freq_min": pl.Int64, "freq_max": pl.Int64,
+        "label": pl.String, "n": pl.Int64, "metric": pl.String, "value": pl.Float64,
+    },
+}
+
+
+def make_run_id(started: dt.datetime, dataset: str, task: str, method: str, seed: int) -> str:
+    return f"{started:%Y%m%d-%H%M%S}_{dataset}_{task}_{method}_s{seed}"
+
+
+class RunFolder:
+    """A run's folder while it is being written; ``finalize`` makes it visible under its final name."""
+
+    def __init__(self, results_dir: Path, run_id: str) -> None:
+        results_dir.mkdir(parents=True, exist_ok=True)
+        self.results_dir = results_dir
+        for attempt in range(1000):
+            candidate = run_id if attempt == 0 else f"{run_id}-{attempt}"
+            partial = results_dir / f"{candidate}{PARTIAL_SUFFIX}"
+            if (results_dir / candidate).exists():
+                continue
+            try:
+                partial.mkdir()  # atomic reservation: concurrent runs never share a folder
+            except FileExistsError:
+                continue
+            self.run_id, self.path = candidate, partial
+            return
+        raise RuntimeError(f"could not reserve a run folder for {run_id} in {results_dir}")
+
+    def write_json(self, name: str, payload: Any) -> None:
+        tmp = self.path / f".{name}.tmp"
+        tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+        tmp.replace(self.path / name)
+
+    def write_text(self, name: str, text: str) -> None:
+        (self.path / name).write_text(text)
+
+    def write_table(self, table: str, ids: dict[str, Any], rows: Iterable[dict[str, Any]]) -> None:
+        schema = {**ID_SCHEMA, **TABLE_SCHEMAS[table]}
+        rows = [{**ids, "run_id": self.run_id, **row} for row in rows]
+        frame = pl.DataFrame(rows, schema=schema, orient="row") if rows else pl.DataFrame(schema=schema)
+        frame.write_parquet(self.path / f"{table}.parquet")
+
+    def finalize(self) -> Path:
+        """Rename to the final name; if another run took that name meanwhile, take the next free one."""
+        base = self.run_id
+        for attempt in range(1000):
+            name = base if attempt == 0 else f"{base}-{attempt}"
+            final = self.results_dir / name
+            if final.exists():
+                continue
+            try:
+                os.rename(self.path, final)
+            except OSError:
+                continue
+            self.path = final
+            return final
+        raise RuntimeError(f"could not publish run folder {self.path}")
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+@dataclass
+class RunRecord:
+    """One run folder found on disk."""
+
+    path: Path
+    status: str  # complete | failed | running | missing-run-json | unreadable
+    info: dict[str, Any] | None
+    error: str | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.status == "complete"
+
+
+def _is_run_folder(path: Path) -> bool:
+    return path.is_dir() and ((path / "run.json").is_file() or path.name.endswith(PARTIAL_SUFFIX))
+
+
+def discover(inputs: Iterable[str]) -> list[Path]:
+    """Run folders under each input (a run folder, a folder of runs, or a glob), sorted, without repeats."""
+    import glob
+
+    found: set[Path] = set()
+    for item in inputs:
+        matches = [Path(p) for p in glob.glob(item, recursive=True)] or ([Path(item)] if Path(item).exists() else [])
+        for path in matches:
+            if _is_run_folder(path):
+                found.add(path)
+            elif path.is_dir():
+                for run_json in path.rglob("run.json"):
+                    found.add(run_json.parent)
+                found.update(p for p in path.rglob(f"*{PARTIAL_SUFFIX}") if p.is_dir())
+    return sorted(found)
+
+
+def read_record(path: Path) -> RunRecord:
+    run_json = path / "run.json"
+    if not run_json.is_file():
+        return RunRecord(path, "missing-run-json", None, "no run.json: the run was interrupted before starting")
+    try:
+        info = json.loads(run_json.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return RunRecord(path, "unreadable", None, f"run.json unreadable: {exc}")
+    status = str(info.get("status", "unknown"))
+    if status == "complete" and path.name.endswith(PARTIAL_SUFFIX):
+        status = "running"  # finished writing but never published
+    if status == "complete" and not (path / "metrics.parquet").is_file():
+        return RunRecord(path, "unreadable", info, "metrics.parquet missing")
+    return RunRecord(path, status, info, info.get("error"))

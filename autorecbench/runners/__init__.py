@@ -1,0 +1,1 @@
+"""Protocols that drive a method over a dataset. Runners know the protocol, never the method."""

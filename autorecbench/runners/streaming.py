@@ -1,0 +1,194 @@
+"""Streaming test-then-train (ESAPN paper §2.1, §3.2).
+
+For each mini-batch in stream order the method first predicts (the predictions are recorded for
+evaluation), then learns from the same batch. There is no train/test split: metrics are reported over an
+evaluation window at the end of the stream, during which the model keeps learning (the paper uses the
+last 5 million transactions). Streams shorter than 4 x ``eval_last`` use the last ``eval_fraction`` of
+rows instead; the rule used is recorded with the results.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+import torch
+
+from autorecbench.data.stream import Stream, StreamBatch, StreamHistory
+from autorecbench.errors import UserError
+from autorecbench.methods.base import StreamingMethod
+from autorecbench.metrics import bucket_bounds, bucket_label, frequency_bucket, task_metrics
+
+
+class RunFailed(RuntimeError):
+    """The run itself went wrong (e.g. non-finite predictions): recorded as a failed run."""
+
+
+@dataclass
+class StreamingConfig:
+    batch_size: int = 500
+    eval_last: int = 5_000_000
+    eval_fraction: float = 0.2
+    order: str = "time"
+    order_seed: int = 0
+    max_rows: int | None = None
+    curve_window: int = 20
+
+    def __post_init__(self) -> None:
+        if self.eval_last < 1:
+            raise UserError("runner.eval_last must be >= 1")
+        if not 0 < self.eval_fraction <= 1:
+            raise UserError("runner.eval_fraction must be in (0, 1]")
+        if self.curve_window < 1:
+            raise UserError("runner.curve_window must be >= 1 batch")
+
+
+@dataclass
+class EvalWindow:
+    """Rows ``start:end`` of the stream over which the headline metrics are computed."""
+
+    rule: str  # "last_n" or "last_fraction"
+    start: int
+    end: int
+    eval_last: int
+    eval_fraction: float
+
+    @property
+    def n(self) -> int:
+        return self.end - self.start
+
+
+def evaluation_window(n_rows: int, eval_last: int, eval_fraction: float) -> EvalWindow:
+    if n_rows >= 4 * eval_last:
+        return EvalWindow("last_n", n_rows - eval_last, n_rows, eval_last, eval_fraction)
+    n = max(1, math.ceil(n_rows * eval_fraction))
+    return EvalWindow("last_fraction", n_rows - n, n_rows, eval_last, eval_fraction)
+
+
+class Progress(Protocol):
+    def start(self, total: int) -> None: ...
+    def update(self, done: int) -> None: ...
+    def stop(self) -> None: ...
+
+
+# (event, batch, tensor): "predicted" with the predictions, "learned" with the training loss.
+BatchHook = Callable[[str, StreamBatch, Any], None]
+
+
+@dataclass
+class StreamingResult:
+    metrics: list[dict[str, Any]]  # split, metric, value
+    curve: list[dict[str, Any]]  # window, start, end, n, metric, value
+    buckets: list[dict[str, Any]]  # entity, bucket, freq_min, freq_max, label, n, metric, value
+    window: EvalWindow
+    n_rows: int
+    n_batches: int
+    stream_seconds: float
+
+    @property
+    def interactions_per_second(self) -> float:
+        return self.n_rows / self.stream_seconds if self.stream_seconds > 0 else math.nan
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "n_rows": self.n_rows,
+            "n_batches": self.n_batches,
+            "stream_seconds": self.stream_seconds,
+            "interactions_per_second": self.interactions_per_second,
+            "eval_window": {**asdict(self.window), "n": self.window.n},
+        }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class StreamingRunner:
+    def __init__(self, cfg: StreamingConfig, progress: Progress | None = None, hook: BatchHook | None = None):
+        self.cfg = cfg
+        self.progress = progress
+        self.hook = hook
+
+    def run(self, method: StreamingMethod, stream: Stream) -> StreamingResult:
+        n = len(stream)
+        bounds = stream.batch_bounds(self.cfg.batch_size)
+        device = stream.user.device
+        shape = (n,) if stream.task.is_binary else (n, stream.task.n_classes)
+        predictions = torch.empty(shape, dtype=torch.float32, device=device)
+        history = StreamHistory(stream)
+        if self.progress:
+            self.progress.start(n)
+        _sync(device)
+        started = time.perf_counter()
+        try:
+            for index, (start, end) in enumerate(bounds):
+                batch = stream.rows(slice(start, end), index)
+                with torch.no_grad():
+                    predicted = method.predict(batch)
+                predictions[start:end] = predicted
+                if self.hook:
+                    self.hook("predicted", batch, predicted)
+                loss = method.learn(batch, history)
+                if self.hook:
+                    self.hook("learned", batch, loss)
+                history.advance(batch)
+                if self.progress:
+                    self.progress.update(end)
+            _sync(device)
+        finally:
+            if self.progress:
+                self.progress.stop()
+        elapsed = time.perf_counter() - started
+        if not bool(torch.isfinite(predictions).all()):
+            first = int((~torch.isfinite(predictions.reshape(n, -1)).all(dim=1)).nonzero()[0])
+            raise RunFailed(f"non-finite prediction at stream row {first}: the model diverged")
+        window = evaluation_window(n, self.cfg.eval_last, self.cfg.eval_fraction)
+        return StreamingResult(
+            metrics=self._metrics(stream, predictions, window),
+            curve=self._curve(stream, predictions, bounds),
+            buckets=self._buckets(stream, predictions, window),
+            window=window,
+            n_rows=n,
+            n_batches=len(bounds),
+            stream_seconds=elapsed,
+        )
+
+    @staticmethod
+    def _metrics(stream: Stream, predictions: torch.Tensor, window: EvalWindow) -> list[dict[str, Any]]:
+        rows = []
+        for split, sl in (("eval", slice(window.start, window.end)), ("all", slice(0, len(stream)))):
+            for metric, value in task_metrics(stream.task, predictions[sl], stream.label[sl]).items():
+                rows.append({"split": split, "metric": metric, "value": value})
+            rows.append({"split": split, "metric": "n", "value": float(sl.stop - sl.start)})
+        return rows
+
+    def _curve(self, stream: Stream, predictions: torch.Tensor, bounds: list[tuple[int, int]]) -> list[dict[str, Any]]:
+        rows = []
+        k = self.cfg.curve_window
+        for window, first in enumerate(range(0, len(bounds), k)):
+            start, end = bounds[first][0], bounds[min(first + k, len(bounds)) - 1][1]
+            values = task_metrics(stream.task, predictions[start:end], stream.label[start:end])
+            for metric, value in values.items():
+                rows.append({"window": window, "start": start, "end": end, "n": end - start,
+                             "metric": metric, "value": value})
+        return rows
+
+    @staticmethod
+    def _buckets(stream: Stream, predictions: torch.Tensor, window: EvalWindow) -> list[dict[str, Any]]:
+        rows = []
+        sl = slice(window.start, window.end)
+        pred, label = predictions[sl], stream.label[sl]
+        for entity, freq in (("user", stream.user_freq[sl]), ("item", stream.item_freq[sl])):
+            buckets = frequency_bucket(freq)
+            present, counts = torch.unique(buckets, return_counts=True)
+            for bucket, count in zip(present.tolist(), counts.tolist()):
+                mask = buckets == bucket
+                lo, hi = bucket_bounds(bucket)
+                for metric, value in task_metrics(stream.task, pred[mask], label[mask]).items():
+                    rows.append({"entity": entity, "bucket": bucket, "freq_min": lo, "freq_max": hi,
+                                 "label": bucket_label(bucket), "n": count, "metric": metric, "value": value})
+        return rows
