@@ -134,6 +134,16 @@ def compare(paths: Sequence[str], baseline: str | None = None, metrics: Sequence
     return Comparison(grouped.drop(drop), columns, incomplete, baseline, len(complete))
 
 
+def _pick_baseline(row: dict[str, Any], candidates: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The baseline group run under the same settings as ``row``: its overrides are a subset of the row's
+    (so only the method and its own options differ); the closest such group wins."""
+    ours = set(row["variant"].split())
+    fitting = [c for c in candidates if c is not row and set(c["variant"].split()) <= ours]
+    if not fitting:
+        return None
+    return max(fitting, key=lambda c: (len(set(c["variant"].split()) & ours), -len(c["variant"])))
+
+
 def _add_baseline(grouped: pl.DataFrame, baseline: str, metrics: list[str]) -> pl.DataFrame:
     if baseline not in grouped["method"].unique().to_list():
         raise UserError(f"baseline method {baseline!r} has no complete runs among these results")
@@ -144,8 +154,7 @@ def _add_baseline(grouped: pl.DataFrame, baseline: str, metrics: list[str]) -> p
             by_context.setdefault((row["dataset"], row["task"], row["model"]), []).append(row)
     out = []
     for row in rows:
-        candidates = by_context.get((row["dataset"], row["task"], row["model"]), [])
-        base = next((c for c in candidates if c["variant"] == ""), candidates[0] if len(candidates) == 1 else None)
+        base = _pick_baseline(row, by_context.get((row["dataset"], row["task"], row["model"]), []))
         for m in metrics:
             delta, p, test = None, None, None
             if base is not None and base is not row and row[f"{m}_mean"] is not None and base[f"{m}_mean"] is not None:

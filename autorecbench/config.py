@@ -20,6 +20,8 @@ from autorecbench.errors import UserError
 CONFIG_NAME = "config"
 # Keys that say where or how verbosely a run happens, not what is run: left out of the config hash.
 NON_SEMANTIC_KEYS = ("seed", "quiet", "device", "paths", "hydra")
+# Where the data lives is not what is computed (the dataset name, options and fingerprint are).
+LOCATION_KEYS = ("data.path", "data.processed_dir")
 # Overrides that already appear as their own columns in comparisons.
 IDENTITY_OVERRIDES = ("seed", "data", "method", "task", "device", "quiet", "model")
 
@@ -85,8 +87,14 @@ def validate(cfg: DictConfig) -> None:
 
     resolved(cfg)
     TaskSpec.from_name(str(cfg.task))
-    method_class(str(cfg.method.name))
-    model_class(str(cfg.model.name))
+    model = model_class(str(cfg.model.name))
+    try:
+        method_class(str(cfg.method.name)).check_config(cfg.method)
+        check_model = getattr(model, "check_config", None)
+        if check_model is not None:
+            check_model(cfg.model)
+    except (ValueError, TypeError) as exc:  # e.g. a word where a number belongs
+        raise UserError(f"bad method/model option: {exc}") from None
     DatasetConfig.from_mapping(cfg.data)
     resolve_device(str(cfg.device))
     from autorecbench.execute import runner_config
@@ -120,6 +128,10 @@ def config_hash(cfg: DictConfig) -> str:
     assert isinstance(container, dict)
     for key in NON_SEMANTIC_KEYS:
         container.pop(key, None)
+    for dotted in LOCATION_KEYS:
+        group, _, leaf = dotted.partition(".")
+        if isinstance(container.get(group), dict):
+            container[group].pop(leaf, None)
     return hashlib.sha256(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -128,7 +140,7 @@ def variant_label(overrides: list[str]) -> str:
     kept = []
     for item in overrides:
         key = item.split("=", 1)[0].lstrip("+~")
-        if key in IDENTITY_OVERRIDES or key.startswith(("paths.", "hydra", "experiment")):
+        if key in IDENTITY_OVERRIDES or key in LOCATION_KEYS or key.startswith(("paths.", "hydra", "experiment")):
             continue
         kept.append(item)
     return " ".join(sorted(kept))

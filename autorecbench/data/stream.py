@@ -110,7 +110,7 @@ def load_stream(
     ``max_rows`` keeps only the first rows of the ordered stream.
     """
     frame = pl.read_parquet(prepared.interactions_path)
-    cols = {name: torch.from_numpy(frame[name].to_numpy()) for name in ("user", "item", "rating", "timestamp")}
+    cols = {name: torch.from_numpy(frame[name].to_numpy(writable=True)) for name in ("user", "item", "rating", "timestamp")}
     if order == "random":
         perm = torch.randperm(frame.height, generator=torch.Generator().manual_seed(int(order_seed)))
         cols = {k: v[perm] for k, v in cols.items()}

@@ -66,6 +66,10 @@ class StreamingMethod(ABC):
     def __init__(self, ctx: MethodContext) -> None:
         self.ctx = ctx
 
+    @classmethod
+    def check_config(cls, cfg: DictConfig) -> None:
+        """Reject bad ``method`` options with a UserError before any data is read (override as needed)."""
+
     @abstractmethod
     def predict(self, batch: StreamBatch) -> torch.Tensor:
         """P(y=1) ``[batch]`` (binary) or class probabilities ``[batch, classes]``. Must not change state."""

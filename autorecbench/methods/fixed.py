@@ -13,12 +13,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from omegaconf import DictConfig
 
 from autorecbench.data.stream import StreamBatch, StreamHistory
+from autorecbench.errors import UserError
 from autorecbench.methods.base import MemoryReport, MethodContext, StreamingMethod, register_method
 from autorecbench.models import model_class
 from autorecbench.models.rating import output_probabilities, per_example_loss, reduce_loss
-from autorecbench.optim import SplitAdam, embedding_table, tensor_bytes
+from autorecbench.optim import SplitAdam, check_mode, embedding_table, tensor_bytes
 
 
 @register_method
@@ -47,6 +49,14 @@ class Fixed(StreamingMethod):
         self.optimizer = SplitAdam(
             [self.user_table.weight, self.item_table.weight], self.model.parameters(), float(cfg.lr), mode
         )
+
+    @classmethod
+    def check_config(cls, cfg: DictConfig) -> None:
+        check_mode(str(cfg.embedding_optimizer))
+        if int(cfg.embedding_dim) < 1:
+            raise UserError(f"method.embedding_dim must be >= 1, got {cfg.embedding_dim}")
+        if float(cfg.lr) <= 0:
+            raise UserError(f"method.lr must be > 0, got {cfg.lr}")
 
     def _logits(self, batch: StreamBatch) -> torch.Tensor:
         return self.model([self.user_table(batch.user), self.item_table(batch.item)])

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 from torch import nn
 
 from autorecbench.data.schema import TaskSpec
@@ -51,6 +52,13 @@ class RatingMLP(nn.Module):
             width = h
         layers.append(nn.Linear(width, n_outputs))
         self.mlp = nn.Sequential(*layers)
+
+    @staticmethod
+    def check_config(cfg: DictConfig) -> None:
+        embedding_norm(1, str(cfg.batch_norm))
+        reduce_loss(torch.zeros(1), str(cfg.loss_reduction))
+        if any(int(h) < 1 for h in cfg.hidden):
+            raise UserError(f"model.hidden sizes must be >= 1, got {list(cfg.hidden)}")
 
     def forward(self, fields: Sequence[torch.Tensor]) -> torch.Tensor:
         """Logits ``[batch, n_outputs]`` from one ``[batch, dim]`` embedding per field."""

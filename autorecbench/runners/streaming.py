@@ -38,6 +38,12 @@ class StreamingConfig:
     curve_window: int = 20
 
     def __post_init__(self) -> None:
+        if self.batch_size < 2:
+            raise UserError("runner.batch_size must be >= 2 (batch-norm needs two rows)")
+        if self.order not in ("time", "random"):
+            raise UserError(f"unknown runner.order {self.order!r}: choose time or random")
+        if self.max_rows is not None and self.max_rows < 2:
+            raise UserError("runner.max_rows must be >= 2")
         if self.eval_last < 1:
             raise UserError("runner.eval_last must be >= 1")
         if not 0 < self.eval_fraction <= 1:

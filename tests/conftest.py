@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_ML_LATEST_SMALL = REPO.parent / "shared" / "data" / "ml-latest-small"
+ML100K_DIR = REPO / "data" / "raw" / "ml-100k"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def ml_latest_small_dir() -> Path:
+    if not (SHARED_ML_LATEST_SMALL / "ratings.csv").is_file():
+        pytest.skip(f"real ml-latest-small not found at {SHARED_ML_LATEST_SMALL}")
+    return SHARED_ML_LATEST_SMALL
+
+
+@pytest.fixture(scope="session")
+def ml100k_dir() -> Path:
+    if not (ML100K_DIR / "ml-100k.inter").is_file():
+        pytest.skip(f"ml-100k not fetched into {ML100K_DIR}: run `make setup`")
+    return ML100K_DIR
+
+
+@pytest.fixture()
+def home(tmp_path: Path) -> Path:
+    """An empty AUTORECBENCH_HOME: results/, data/processed/ and logs/ of a test land here."""
+    root = tmp_path / "home"
+    root.mkdir()
+    return root
+
+
+def run_cli(*args: str, home: Path | None = None, check: bool = False, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    """Run the installed CLI as a user would, in a subprocess."""
+    env = dict(os.environ)
+    env.pop("HYDRA_FULL_ERROR", None)
+    env["COLUMNS"] = "250"
+    if home is not None:
+        env["AUTORECBENCH_HOME"] = str(home)
+    done = subprocess.run([sys.executable, "-m", "autorecbench", *args], capture_output=True, text=True,
+                          env=env, cwd=home or REPO, timeout=timeout)
+    if check and done.returncode != 0:
+        raise AssertionError(f"exit {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}")
+    return done
+
+
+def run_folders(home: Path) -> list[Path]:
+    results = home / "results"
+    return sorted(p for p in results.iterdir() if p.is_dir()) if results.is_dir() else []
+
+
+def read_run(folder: Path) -> dict:
+    return json.loads((folder / "run.json").read_text())
+
+
+def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
+    """The CLI's contract for user errors: exit 2, one line on stderr, no traceback."""
+    assert done.returncode == 2, f"exit {done.returncode}\nstdout:{done.stdout}\nstderr:{done.stderr}"
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
