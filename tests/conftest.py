@@ -25,9 +25,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def ml_latest_small_dir() -> Path:
-    if not (SHARED_ML_LATEST_SMALL / "ratings.csv").is_file():
-        pytest.skip(f"real ml-latest-small not found at {SHARED_ML_LATEST_SMALL}")
-    return SHARED_ML_LATEST_SMALL
+    """The real ml-latest-small: from ../shared, else the copy `make setup` put in data/raw."""
+    for folder in (SHARED_ML_LATEST_SMALL, REPO / "data" / "raw" / "ml-latest-small"):
+        if (folder / "ratings.csv").is_file():
+            return folder
+    pytest.skip(f"real ml-latest-small not found at {SHARED_ML_LATEST_SMALL}")
 
 
 @pytest.fixture(scope="session")
@@ -50,6 +52,8 @@ def run_cli(*args: str, home: Path | None = None, check: bool = False, timeout: 
     env = dict(os.environ)
     env.pop("HYDRA_FULL_ERROR", None)
     env["COLUMNS"] = "250"
+    # The checkout's package, also where it is not pip-installed (e.g. on a GPU machine).
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     if home is not None:
         env["AUTORECBENCH_HOME"] = str(home)
     done = subprocess.run([sys.executable, "-m", "autorecbench", *args], capture_output=True, text=True,

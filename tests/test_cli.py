@@ -42,13 +42,19 @@ def test_default_run_writes_a_complete_folder(home: Path, ml100k_dir: Path) -> N
     buckets = pl.read_parquet(folder / "buckets.parquet")
     assert set(buckets["entity"].unique()) == {"user", "item"}
     assert buckets.filter(pl.col("metric") == "accuracy").group_by("entity").agg(pl.col("n").sum())["n"].to_list() == [4000, 4000]
-    # Readable by pandas and duckdb as the README promises.
+    _readable_by_pandas_and_duckdb(folder)
+
+
+def _readable_by_pandas_and_duckdb(folder: Path) -> None:
+    """The README promises the tables read with pandas and duckdb too (both are dev dependencies)."""
     import duckdb
     import pandas as pd
 
-    assert len(pd.read_parquet(folder / "metrics.parquet")) == metrics.height
-    count = duckdb.sql(f"select count(*) from read_parquet('{folder / 'buckets.parquet'}')").fetchall()
-    assert count[0][0] == buckets.height
+    for table in ("metrics", "curve", "buckets"):
+        path = folder / f"{table}.parquet"
+        height = pl.read_parquet(path).height
+        assert len(pd.read_parquet(path)) == height
+        assert duckdb.sql(f"select count(*) from read_parquet('{path}')").fetchall()[0][0] == height
 
 
 def test_same_seed_twice_gives_identical_metrics(home: Path, ml_latest_small_dir: Path) -> None:
