@@ -147,6 +147,12 @@ def execute(
         folder.write_table("curve", ids, result.curve)
         folder.write_table("buckets", ids, result.buckets)
         folder.write_json("architecture.json", method.architecture())
+        reports = method.reports()
+        clash = set(reports) & {"metrics", "curve", "buckets", "config", "run", "architecture"}
+        if clash:
+            raise RuntimeError(f"method report names {sorted(clash)} clash with the run's own files")
+        for name, rows in reports.items():
+            folder.write_table(name, ids, rows)
         info.update(
             status="complete",
             finished_at=dt.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -162,6 +168,7 @@ def execute(
             peak_rss_bytes=peak_rss,
             cuda_peak_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
             metrics={r["metric"]: r["value"] for r in result.metrics if r["split"] == "eval"},
+            reports=sorted(f"{name}.parquet" for name in reports),
         )
         folder.write_json("run.json", info)
         final = folder.finalize()

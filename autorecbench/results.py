@@ -83,9 +83,15 @@ class RunFolder:
         (self.path / name).write_text(text)
 
     def write_table(self, table: str, ids: dict[str, Any], rows: Iterable[dict[str, Any]]) -> None:
-        schema = {**ID_SCHEMA, **TABLE_SCHEMAS[table]}
+        """One Parquet table: id columns, then the table's documented columns (or, for a method's own
+        report, the columns its rows have)."""
         rows = [{**ids, "run_id": self.run_id, **row} for row in rows]
-        frame = pl.DataFrame(rows, schema=schema, orient="row") if rows else pl.DataFrame(schema=schema)
+        if table in TABLE_SCHEMAS:
+            schema = {**ID_SCHEMA, **TABLE_SCHEMAS[table]}
+            frame = pl.DataFrame(rows, schema=schema, orient="row") if rows else pl.DataFrame(schema=schema)
+        else:
+            frame = pl.DataFrame(rows, infer_schema_length=None) if rows else pl.DataFrame(schema=ID_SCHEMA)
+            frame = frame.select(pl.col(*ID_SCHEMA), pl.exclude(*ID_SCHEMA)).cast(ID_SCHEMA)
         frame.write_parquet(self.path / f"{table}.parquet")
 
     def finalize(self) -> Path:

@@ -171,3 +171,16 @@ def test_frequencies_in_batches_are_occurrence_numbers(prepared) -> None:
     firsts = torch.tensor(sorted(first_rows.values()))
     assert bool((stream.user_freq[firsts] == 1).all())
     assert int(stream.user_freq.max()) == int(torch.bincount(stream.user).max())
+
+
+def test_method_reports_become_parquet_tables(tmp_path) -> None:
+    import polars as pl
+
+    from autorecbench.results import RunFolder
+
+    folder = RunFolder(tmp_path, "r")
+    ids = {"dataset": "d", "task": "binary", "method": "m", "seed": 1}
+    folder.write_table("sizes", ids, [{"entity": "user", "size": 2, "count": 10}, {"entity": "item", "size": 4, "count": 3}])
+    frame = pl.read_parquet(folder.path / "sizes.parquet")
+    assert frame.columns == ["run_id", "dataset", "task", "method", "seed", "entity", "size", "count"]
+    assert frame["seed"].dtype == pl.Int64 and frame.height == 2

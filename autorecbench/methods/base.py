@@ -85,6 +85,11 @@ class StreamingMethod(ABC):
         """What the method's search chose (empty for methods without search)."""
         return {}
 
+    def reports(self) -> dict[str, list[dict[str, Any]]]:
+        """Extra tables for the run folder, written as ``<name>.parquet`` with the run's id columns first
+        (e.g. a memory table per embedding size, or the chosen size by frequency). Rows are flat dicts."""
+        return {}
+
 
 METHODS: dict[str, type[StreamingMethod]] = {}
 
