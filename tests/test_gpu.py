@@ -46,7 +46,7 @@ def test_cuda_run_is_reproducible_and_learns(home: Path, ml100k_dir: Path) -> No
     mb = pl.read_parquet(b / "metrics.parquet").filter(pl.col("split") != "cost").drop("run_id")
     assert ma.equals(mb)
     evals = dict(ma.filter(pl.col("split") == "eval").select("metric", "value").iter_rows())
-    assert evals["accuracy"] > 0.3 and evals["auc"] > 0.55
+    assert evals["ce"] < 1.6094  # better than a uniform guess over 5 classes (ln 5)
 
 
 def test_cpu_and_cuda_runs_agree_closely(home: Path, ml100k_dir: Path) -> None:
