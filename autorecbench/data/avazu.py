@@ -24,11 +24,12 @@ import polars as pl
 
 from autorecbench.data.ctr import (
     BadRows,
+    Check,
     CTRFormat,
     field_count_problem,
     register_format,
     split_columns,
-    value_problem,
+    value_problems,
 )
 from autorecbench.data.textfile import header_fields
 from autorecbench.errors import DataFormatError
@@ -59,20 +60,17 @@ class AvazuFormat(CTRFormat):
             lines = lines.slice(1)
         count_bad, describe_count = field_count_problem(lines, ",", len(HEADER))
         frame = split_columns(lines, ",", HEADER)
-        ok = ~count_bad
         hour = pl.col("hour")
         date = pl.concat_str(pl.lit("20"), hour.str.slice(0, 6)).str.to_date("%Y%m%d", strict=False)
         bad_hour = ~hour.str.contains(r"^\d{8}$") | date.is_null() | (hour.str.slice(6, 2).cast(pl.Int32, strict=False) > 23)
-        problems = [
-            (count_bad, describe_count),
-            value_problem(frame, ok, ~pl.col("id").str.contains(r"^\d{1,20}$"), "id", "id is not a decimal string of 1-20 digits"),
-            value_problem(frame, ok, ~pl.col("click").is_in(["0", "1"]), "click", "click must be 0 or 1"),
-            value_problem(frame, ok, bad_hour, "hour", "hour is not a valid YYMMDDHH"),
+        checks = [
+            Check(~pl.col("id").str.contains(r"^\d{1,20}$"), "id", "id is not a decimal string of 1-20 digits"),
+            Check(~pl.col("click").is_in(["0", "1"]), "click", "click must be 0 or 1"),
+            Check(bad_hour, "hour", "hour is not a valid YYMMDDHH"),
         ]
-        for name in INT_COLUMNS:
-            col = pl.col(name)
-            problems.append(value_problem(frame, ok, (col != "") & col.cast(pl.Int64, strict=False).is_null(), name,
-                                          f"{name} is not an integer"))
+        checks += [Check((pl.col(n) != "") & pl.col(n).cast(pl.Int64, strict=False).is_null(), n, f"{n} is not an integer")
+                   for n in INT_COLUMNS]
+        problems = [(count_bad, describe_count), *value_problems(frame, ~count_bad, checks)]
         frame = bad.apply(path, frame, problems, file_index)
         weekday = date.dt.weekday() % 7  # polars: Monday 1 .. Sunday 7 -> Sunday 0, as strftime('%w')
         return frame.select(

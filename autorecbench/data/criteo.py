@@ -25,12 +25,13 @@ import polars as pl
 
 from autorecbench.data.ctr import (
     BadRows,
+    Check,
     CTRFormat,
     field_count_problem,
     int_token,
     register_format,
     split_columns,
-    value_problem,
+    value_problems,
 )
 
 INT_FIELDS = [f"I{i}" for i in range(1, 14)]
@@ -49,17 +50,12 @@ class CriteoFormat(CTRFormat):
               file_index: int) -> pl.DataFrame:
         count_bad, describe_count = field_count_problem(lines, "\t", len(COLUMNS))
         frame = split_columns(lines, "\t", COLUMNS)
-        ok = ~count_bad
-        problems = [(count_bad, describe_count),
-                    value_problem(frame, ok, ~pl.col("label").is_in(["0", "1"]), "label", "label must be 0 or 1")]
-        for name in INT_FIELDS:
-            col = pl.col(name)
-            problems.append(value_problem(frame, ok, (col != "") & col.cast(pl.Int64, strict=False).is_null(), name,
-                                          f"{name} is not an integer"))
-        for name in CAT_FIELDS:
-            col = pl.col(name)
-            problems.append(value_problem(frame, ok, (col != "") & ~col.str.contains(HEX), name,
-                                          f"{name} is not 8 lowercase hex digits"))
+        checks = [Check(~pl.col("label").is_in(["0", "1"]), "label", "label must be 0 or 1")]
+        checks += [Check((pl.col(n) != "") & pl.col(n).cast(pl.Int64, strict=False).is_null(), n, f"{n} is not an integer")
+                   for n in INT_FIELDS]
+        checks += [Check((pl.col(n) != "") & ~pl.col(n).str.contains(HEX), n, f"{n} is not 8 lowercase hex digits")
+                   for n in CAT_FIELDS]
+        problems = [(count_bad, describe_count), *value_problems(frame, ~count_bad, checks)]
         frame = bad.apply(path, frame, problems, file_index)
         ints = []
         for name in INT_FIELDS:

@@ -140,11 +140,25 @@ def split_columns(lines: pl.DataFrame, separator: str, names: list[str]) -> pl.D
     ).unnest("_f")
 
 
-def value_problem(frame: pl.DataFrame, ok: pl.Series, bad: pl.Expr, column: str, message: str
-                  ) -> tuple[pl.Series, Callable[[dict[str, Any]], str]]:
-    """Rows (among ``ok`` ones) where ``bad`` holds; the message gets the offending value appended."""
-    mask = frame.select(bad.fill_null(True).alias("bad"))["bad"] & ok
-    return mask, lambda row: f"{message}: {row[column]!r}"
+@dataclass(frozen=True)
+class Check:
+    """A value check: rows where ``bad`` holds are malformed; the message gets the offending value of
+    ``column`` appended."""
+
+    bad: pl.Expr
+    column: str
+    message: str
+
+
+def value_problems(frame: pl.DataFrame, ok: pl.Series, checks: list[Check]
+                   ) -> list[tuple[pl.Series, Callable[[dict[str, Any]], str]]]:
+    """Evaluate every check in one pass over ``frame`` (among the ``ok`` rows only)."""
+    masks = frame.select([c.bad.fill_null(True).alias(f"_{i}") for i, c in enumerate(checks)])
+
+    def describe(check: Check) -> Callable[[dict[str, Any]], str]:
+        return lambda row: f"{check.message}: {row[check.column]!r}"
+
+    return [(masks[f"_{i}"] & ok, describe(c)) for i, c in enumerate(checks)]
 
 
 # ---------------------------------------------------------------- formats
@@ -157,7 +171,7 @@ def int_token(expr: pl.Expr, transform: str) -> pl.Expr:
     """
     if transform == "identity":
         return expr
-    bucket = expr.cast(pl.Float64).log().pow(2).floor().cast(pl.Int64) + 2
+    bucket = expr.clip(lower_bound=3).cast(pl.Float64).log().pow(2).floor().cast(pl.Int64) + 2
     return pl.when(expr > 2).then(bucket).otherwise(expr)
 
 
