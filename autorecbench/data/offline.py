@@ -172,7 +172,7 @@ def _load_ratings(prepared: PreparedData, task: TaskSpec, data_cfg: DatasetConfi
         split = ordered_split(n, data_cfg.split_ratio)
         rule = {"rule": "time", "by": "timestamp order", "ratio": list(data_cfg.split_ratio)}
     x = frame.select("user", "item").to_numpy().astype(np.int32)
-    labels = task.labels(torch.from_numpy(frame["rating"].to_numpy())).numpy()
+    labels = task.labels(torch.from_numpy(frame["rating"].to_numpy(writable=True))).numpy()
     sizes = dict(zip(SPLITS, split_counts(n, data_cfg.split_ratio)))
     caps = _caps(sizes, max_rows)
     xs, ys = {}, {}

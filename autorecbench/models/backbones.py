@@ -22,7 +22,8 @@ sum_{i<j} e_i ⊙ e_j is mapped to the classes by a learned ``d x 5`` matrix (a 
 
 Hooks for the search methods of the next issue: the embedding layer is a constructor argument (any module
 mapping ``x [B, F]`` to ``[B, F, d]`` with a ``dim`` attribute, e.g. mixed dimensions unified to d), and FM /
-DeepFM take a ``pair_gate`` (a module mapping the ``[B, F(F-1)/2]`` inner products to gated ones, AutoFIS).
+DeepFM take a pair gate (``set_pair_gate``: a module mapping the ``[B, F(F-1)/2]`` inner products to gated
+ones, AutoFIS).
 """
 
 from __future__ import annotations
@@ -165,12 +166,8 @@ class FM(CTRBackbone):
         self.linear = self.first_order()
         self.fm = FMTerm(self.dim, n_outputs)
 
-    @property
-    def pair_gate(self) -> nn.Module | None:
-        return self.fm.gate
-
-    @pair_gate.setter
-    def pair_gate(self, gate: nn.Module | None) -> None:
+    def set_pair_gate(self, gate: nn.Module | None) -> None:
+        """Gate the pairwise inner products (AutoFIS): ``gate`` maps ``[B, F(F-1)/2] -> [B, F(F-1)/2]``."""
         self.fm.gate = gate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
