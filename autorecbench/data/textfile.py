@@ -22,6 +22,23 @@ from autorecbench.errors import DataFormatError
 _NO_SPLIT = "\x1f"
 
 
+def _text_column(source: Path | io.BytesIO, path: Path) -> pl.DataFrame:
+    """Every line of ``source`` as one string column ``text`` (blank lines as nulls, so row i is line i+1)."""
+    try:
+        return pl.read_csv(
+            source,
+            has_header=False,
+            separator=_NO_SPLIT,
+            quote_char=None,
+            new_columns=["text"],
+            schema={"text": pl.String},
+            encoding="utf8-lossy",
+        )
+    except pl.exceptions.PolarsError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataFormatError(path, f"unreadable as text lines ({first})") from None
+
+
 def read_lines(path: Path) -> pl.DataFrame:
     """All lines of ``path`` as columns ``line`` (1-based, u32) and ``text`` (str, CR and BOM stripped).
 
@@ -42,20 +59,7 @@ def read_lines(path: Path) -> pl.DataFrame:
             raise DataFormatError(path, f"corrupt gzip file ({exc})") from None
         if source.getbuffer().nbytes == 0:
             raise DataFormatError(path, "empty file")
-    try:
-        frame = pl.read_csv(
-            source,
-            has_header=False,
-            separator=_NO_SPLIT,
-            quote_char=None,
-            new_columns=["text"],
-            schema={"text": pl.String},
-            encoding="utf8-lossy",
-        )
-    except pl.exceptions.PolarsError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataFormatError(path, f"unreadable as text lines ({first})") from None
-    frame = frame.with_row_index("line", offset=1).with_columns(
+    frame = _text_column(source, path).with_row_index("line", offset=1).with_columns(
         pl.col("text").str.strip_suffix("\r").str.strip_prefix("\ufeff")
     )
     frame = frame.filter(pl.col("text").is_not_null() & (pl.col("text") != ""))
@@ -154,19 +158,9 @@ class _HashingReader(io.RawIOBase):
         return n or 0
 
 
-def _frame_of_lines(data: bytes, first_line: int) -> pl.DataFrame:
+def _frame_of_lines(data: bytes, first_line: int, path: Path) -> pl.DataFrame:
     """``data`` (whole lines) as columns ``line`` (1-based, counting from ``first_line``) and ``text``."""
-    frame = pl.read_csv(
-        io.BytesIO(data),
-        has_header=False,
-        separator=_NO_SPLIT,
-        quote_char=None,
-        new_columns=["text"],
-        schema={"text": pl.String},
-        encoding="utf8-lossy",
-    )
-    # polars keeps blank lines as nulls, so row i is line first_line + i.
-    return frame.with_row_index("line", offset=first_line).with_columns(
+    return _text_column(io.BytesIO(data), path).with_row_index("line", offset=first_line).with_columns(
         pl.col("line").cast(pl.Int64), pl.col("text").str.strip_suffix("\r")
     )
 
@@ -212,7 +206,7 @@ def iter_line_chunks(
                 data = data[3:]
             n_lines = data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
             if data:
-                frame = _frame_of_lines(data, next_line)
+                frame = _frame_of_lines(data, next_line, path)
                 frame = frame.filter(pl.col("text").is_not_null() & (pl.col("text") != ""))
                 if frame.height:
                     seen_text = True

@@ -34,12 +34,9 @@ from autorecbench.data.offline import OfflineBatch, OfflineData, SplitData, load
 from autorecbench.errors import UserError
 from autorecbench.metrics import group_auc, task_metrics
 from autorecbench.runners.base import ProgressLike, RunOutput, Runner, register_runner
+from autorecbench.runners.streaming import RunFailed
 
 MONITORS = {"auc": "max", "logloss": "min", "ce": "min"}
-
-
-class RunFailed(RuntimeError):
-    """The run itself went wrong (e.g. the loss became non-finite): recorded as a failed run."""
 
 
 @dataclass
@@ -153,7 +150,7 @@ class TrainLoop:
         """The task's metrics on ``split`` (train, valid or test), plus gAUC when there is a user field."""
         data = self.data.split(split)
         pred = self.predictions(predict, data)
-        label = data.label
+        label = data.label.to(pred.device)  # pinned on the CPU when the split is not device-resident
         metrics = task_metrics(self.task, pred, label)
         if self.task.is_binary and self.data.user_index is not None:
             users = data.x[:, self.data.user_index].to(pred.device)
@@ -265,6 +262,11 @@ class OfflineProtocol(Runner):
     config_class = OfflineConfig
     headline_split = "test"
     names_model = True
+
+    @classmethod
+    def check_data(cls, data_cfg: Any, task: Any) -> None:
+        if data_cfg.kind == "ctr" and not task.is_binary:
+            raise UserError(f"dataset {data_cfg.name!r} has 0/1 click labels: use task=binary")
 
     def load(self, prepared: Any, task: Any, device: torch.device, data_cfg: Any) -> OfflineData:
         return load_offline(prepared, task, device, data_cfg, max_rows=self.cfg.max_rows,
