@@ -12,7 +12,8 @@ help:
 	@echo "                the package with dev extras, and the default dataset ml-100k (from the recbole wheel)"
 	@echo "make test       the test suite without slow tests (CPU, < 10 minutes on 2 cores)"
 	@echo "make test-slow  the slow tests too"
-	@echo "make bench      streaming throughput and peak memory on a synthetic stream"
+	@echo "make bench      streaming throughput and peak memory on a synthetic stream; CTR preprocessing"
+	@echo "                (5M Criteo-format rows: rows/s, peak RSS) and DeepFM training samples/s"
 
 setup: $(VENV)/.installed data/raw/ml-100k/ml-100k.inter data/raw/ml-latest-small/ratings.csv
 
@@ -43,6 +44,7 @@ test-gpu:
 
 bench:
 	$(BIN)/python -m autorecbench.bench
+	$(BIN)/python -m autorecbench.bench_ctr
 
 clean-results:
 	rm -rf results logs

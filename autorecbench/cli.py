@@ -93,8 +93,9 @@ def run(
     multirun: Annotated[bool, typer.Option("--multirun", "-m", help="Sweep over every combination of comma-separated values.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Log lines only, no progress bar.")] = False,
     show_config: Annotated[bool, typer.Option("--show-config", help="Print the composed config and exit without running.")] = False,
+    skip_bad_rows: Annotated[bool, typer.Option("--skip-bad-rows", help="CTR data: drop malformed raw rows (counted and reported) instead of stopping at the first.")] = False,
 ) -> None:
-    """Run a method on a dataset and write its results folder (metrics, curve and buckets in Parquet)."""
+    """Run a method on a dataset and write its results folder (metrics and the runner's tables in Parquet)."""
     from omegaconf import OmegaConf
 
     from autorecbench.config import compose, expand_sweep, validate
@@ -108,6 +109,8 @@ def run(
             raise UserError(f"override {item!r} is not of the form key=value")
     if quiet:
         overrides.append("quiet=true")
+    if skip_bad_rows:
+        overrides.append("data.skip_bad_rows=true")
     combos = expand_sweep(overrides)
     if len(combos) > 1 and not multirun:
         raise UserError(f"these overrides describe a sweep of {len(combos)} runs: add -m (--multirun)")
@@ -140,7 +143,7 @@ def compare(
     baseline: Annotated[Optional[str], typer.Option("--baseline", "-b", help="Method to compare against: adds Δ and a t-test across seeds.")] = None,
     fmt: Annotated[str, typer.Option("--format", "-f", help="table | markdown | csv | latex | json")] = "table",
     metric: Annotated[Optional[list[str]], typer.Option("--metric", help="Metric(s) to show (default: the task's headline metrics).")] = None,
-    split: Annotated[str, typer.Option("--split", help="eval (the evaluation window) or all (the whole stream).")] = "eval",
+    split: Annotated[str, typer.Option("--split", help="auto (each run's headline split: eval for streaming runs, test for offline ones), eval (the evaluation window), all (the whole stream), test or valid (offline).")] = "auto",
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the export to this file.")] = None,
 ) -> None:
     """Line runs up by dataset × task × method: mean ± std over seeds, n, optional deltas vs a baseline.
@@ -169,16 +172,17 @@ def methods() -> None:
     from rich.table import Table
 
     from autorecbench.config import config_dir
-    from autorecbench.methods.base import load_methods
+    from autorecbench.methods.base import all_methods
 
     table = Table(title="Registered methods")
     for column in ("name", "protocol", "status", "description", "paper"):
         table.add_column(column, overflow="fold")
-    for name, cls in sorted(load_methods().items()):
-        status = "faithful" if cls.faithful else f"NOT YET FAITHFUL: {cls.fidelity}"
-        if not (config_dir() / "method" / f"{name}.yaml").is_file():
-            status += " (no conf/method YAML)"
-        table.add_row(name, ", ".join(cls.protocols), status, cls.description, cls.paper)
+    for name, by_protocol in sorted(all_methods().items()):
+        for protocol, cls in by_protocol.items():
+            status = "faithful" if cls.faithful else f"NOT YET FAITHFUL: {cls.fidelity}"
+            if not (config_dir() / "method" / f"{name}.yaml").is_file():
+                status += " (no conf/method YAML)"
+            table.add_row(name, protocol, status, cls.description, cls.paper)
     out_console.print(table)
 
 
@@ -207,12 +211,24 @@ def _span(schema) -> str:  # type: ignore[no-untyped-def]
     return f"{day(schema.time_min)} .. {day(schema.time_max)}"
 
 
+def _summary(s) -> str:  # type: ignore[no-untyped-def]
+    """One line of counts: users/items/time span for ratings, splits/fields/click rate for CTR data."""
+    if s.label == "rating":
+        return f"{s.n_rows:,} rows, {s.n_users:,} users, {s.n_items:,} items, {_span(s)}"
+    splits = s.splits or {}
+    positives = sum(s.extra.get("positives", {}).values())
+    span = f", {_span(s)}" if s.time_max else ""
+    return (f"{s.n_rows:,} rows (train {splits.get('train', 0):,} / valid {splits.get('valid', 0):,} / test "
+            f"{splits.get('test', 0):,}, split {s.extra.get('split', {}).get('rule', '?')}), {len(s.fields)} fields, "
+            f"{sum(f.cardinality for f in s.fields):,} feature values, {positives / max(s.n_rows, 1):.1%} clicks{span}")
+
+
 @data_app.command("list")
 def data_list() -> None:
     """Every configured dataset, whether its raw files are present, and where they are expected."""
     from rich.table import Table
 
-    from autorecbench.data.cache import cached, locate_source
+    from autorecbench.data.cache import cached, locate_source, source_names
 
     table = Table(title="Datasets")
     for column in ("name", "raw files", "cache", "expected location", "description"):
@@ -226,7 +242,7 @@ def data_list() -> None:
             raw = f"[green]present[/] ({found[0].name})" if found else "[red]missing[/]"
         hit = cached(cfg)
         cache = f"{hit.schema.n_rows:,} rows" if hit else "–"
-        files = " or ".join(s.file for s in cfg.sources)
+        files = " or ".join(", ".join(source_names(cfg, s)) for s in cfg.sources)
         table.add_row(name, raw, cache, f"{cfg.path}/{files}", cfg.description)
     out_console.print(table)
 
@@ -236,22 +252,23 @@ def data_prepare(
     name: Annotated[str, typer.Argument(help="Dataset name (see `autorecbench data list`).")],
     overrides: Annotated[Optional[list[str]], typer.Argument(help="Overrides of the data config, e.g. `data.path=/x`.", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Rebuild the cache even if it is up to date.")] = False,
+    skip_bad_rows: Annotated[bool, typer.Option("--skip-bad-rows", help="CTR data: drop malformed raw rows (counted and reported) instead of stopping at the first.")] = False,
 ) -> None:
     """Validate the raw files and build the Parquet cache (reused when nothing changed)."""
     from autorecbench.data.cache import prepare
 
-    cfg = _dataset_config(name, overrides)
+    cfg = _dataset_config(name, [*(overrides or []), *(["data.skip_bad_rows=true"] if skip_bad_rows else [])])
     started = time.perf_counter()
     prepared = prepare(cfg, force=force)
     s = prepared.schema
     state = "cache reused" if prepared.reused else f"cache built in {time.perf_counter() - started:.1f}s"
-    out_console.print(
-        f"{s.dataset}: {s.n_rows:,} rows, {s.n_users:,} users, {s.n_items:,} items, {_span(s)} ({state})\n"
-        f"cache: {prepared.directory}",
-        highlight=False, soft_wrap=True,
-    )
+    out_console.print(f"{s.dataset}: {_summary(s)} ({state})\ncache: {prepared.directory}",
+                      highlight=False, soft_wrap=True)
+    if s.extra.get("skipped_rows"):
+        out_console.print(f"skipped {s.extra['skipped_rows']:,} malformed row(s); first: {s.extra['first_skipped']}",
+                          highlight=False, soft_wrap=True)
     if s.expected:
-        got = {"rows": s.n_rows, "users": s.n_users, "items": s.n_items}
+        got = s.counts()
         diff = {k: (v, got[k]) for k, v in s.expected.items() if k in got and got[k] != v}
         if diff:
             log.warning("counts differ from the published ones: %s",
@@ -281,7 +298,7 @@ def data_info(
         present = cfg.generator is not None or locate_source(cfg) is not None
         lines.append("cache: none yet; run `autorecbench data prepare " + name + "`" if present
                      else f"raw files: missing ({cfg.download or cfg.url})")
-    else:
+    elif hit.schema.label == "rating":
         s = hit.schema
         ratings = pl.read_parquet(hit.interactions_path, columns=["rating"])["rating"].value_counts().sort("rating")
         hist = ", ".join(f"{r:g}: {c:,}" for r, c in ratings.iter_rows())
@@ -290,6 +307,16 @@ def data_info(
             f"time span: {_span(s)}",
             f"ratings: {hist}",
             f"source: {s.source['path']} ({s.source['bytes']:,} bytes, sha256 {s.source['sha256'][:16]}…)",
+            f"cache: {hit.directory} (fingerprint {s.fingerprint[:16]}, built {s.created_at})",
+        ]
+    else:
+        s = hit.schema
+        lines += [
+            f"rows: {_summary(s)} (file: {s.rows_in_file:,}; skipped {s.extra.get('skipped_rows', 0):,})",
+            f"split: {s.extra.get('split')}",
+            "fields (cardinality incl. OOV and missing): "
+            + ", ".join(f"{f.name} {f.cardinality:,}" for f in s.fields),
+            *[f"source: {f['path']} ({f['bytes']:,} bytes, sha256 {f['sha256'][:16]}…)" for f in s.source.get("files", [])],
             f"cache: {hit.directory} (fingerprint {s.fingerprint[:16]}, built {s.created_at})",
         ]
     out_console.print("\n".join(lines), highlight=False, soft_wrap=True)

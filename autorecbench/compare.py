@@ -1,6 +1,9 @@
 """``autorecbench compare``: line runs up by dataset x task x model x method (x variant), mean ± std
 over seeds, optional deltas against a baseline method with a significance test across seeds.
 
+Streaming runs show the evaluation window's metrics with throughput, embedding MiB and wall time; offline
+(CTR) runs the test split's AUC, logloss (and gAUC) with parameters, embedding MiB, search and train seconds.
+
 Only complete runs enter the means; failed, interrupted or unpublished runs are listed apart.
 Runs are grouped by their config hash (everything except seed, device, paths and verbosity), so two
 runs only share a row when they ran the same configuration; the variant label shows the overrides that
@@ -12,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +29,15 @@ from autorecbench.results import RunRecord, discover, read_record
 KEYS = ["dataset", "task", "model", "method", "variant"]
 TASK_METRICS = {"binary": ["accuracy", "mse", "logloss", "auc"], "multiclass": ["accuracy", "ce", "auc"]}
 COST_METRICS = ["interactions_per_second", "embedding_bytes", "wall_seconds"]
-LOWER_IS_BETTER = {"mse", "logloss", "ce", "embedding_bytes", "wall_seconds"}
+# Offline runs (CTR backbones, runner=offline) are judged on the test split: AUC and logloss (gAUC when the
+# data has a user field), with the model's size and the search and training cost.
+OFFLINE_TASK_METRICS = {"binary": ["auc", "logloss", "gauc"], "multiclass": ["auc", "ce"]}
+OFFLINE_COST_METRICS = ["parameters", "embedding_bytes", "search_seconds", "train_seconds"]
+ALL_COST_METRICS = {*COST_METRICS, *OFFLINE_COST_METRICS, "train_samples_per_second", "test_seconds"}
+LOWER_IS_BETTER = {"mse", "logloss", "ce", "embedding_bytes", "wall_seconds", "parameters", "search_seconds",
+                   "train_seconds", "test_seconds"}
 FORMATS = ("table", "markdown", "csv", "latex", "json")
+SPLITS = ("auto", "eval", "all", "test", "valid")
 
 
 @dataclass
@@ -39,14 +49,19 @@ class Comparison:
     incomplete: list[RunRecord]
     baseline: str | None
     n_runs: int
+    runners: list[str] = field(default_factory=list)
 
 
 def _load(records: list[RunRecord], split: str) -> pl.DataFrame:
+    """Each run's metrics of ``split`` (``auto``: the run's headline split, ``eval`` for streaming runs and
+    ``test`` for offline ones) and its cost rows, with the grouping columns from ``run.json``."""
     frames = []
     for rec in records:
         info = rec.info or {}
-        frame = pl.read_parquet(rec.path / "metrics.parquet")
-        frame = frame.filter(pl.col("split").is_in([split, "cost"])).with_columns(
+        wanted = str(info.get("headline_split", "eval")) if split == "auto" else split
+        frame = pl.read_parquet(rec.path / "metrics.parquet").drop("model", strict=False)
+        frame = frame.filter(pl.col("split").is_in([wanted, "cost"])).with_columns(
+            pl.lit(str(info.get("runner", "streaming"))).alias("runner"),
             pl.lit(str(info.get("model", ""))).alias("model"),
             pl.lit(str(info.get("variant", ""))).alias("variant"),
             pl.lit(str(info.get("config_hash", ""))).alias("config_hash"),
@@ -88,8 +103,22 @@ def _significance(values: list[float], seeds: list[int], base_values: list[float
     return math.nan, "none"
 
 
+def _default_columns(long: pl.DataFrame) -> tuple[list[str], list[str]]:
+    """Headline metrics and cost columns for the (runner, task) combinations present."""
+    combos = long.select("runner", "task").unique().sort(["runner", "task"]).rows()
+    wanted: list[str] = []
+    costs: list[str] = []
+    for runner, task in combos:
+        offline = runner == "offline"
+        wanted += (OFFLINE_TASK_METRICS if offline else TASK_METRICS).get(task, [])
+        costs += OFFLINE_COST_METRICS if offline else COST_METRICS
+    return list(dict.fromkeys(wanted)), list(dict.fromkeys(costs))
+
+
 def compare(paths: Sequence[str], baseline: str | None = None, metrics: Sequence[str] | None = None,
-            split: str = "eval") -> Comparison:
+            split: str = "auto") -> Comparison:
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     folders = discover(paths)
     if not folders:
         raise UserError(f"no runs found under {', '.join(paths)}")
@@ -99,15 +128,14 @@ def compare(paths: Sequence[str], baseline: str | None = None, metrics: Sequence
     if not complete:
         return Comparison(pl.DataFrame(), [], incomplete, baseline, 0)
     long = _load(complete, split)
-    tasks = long["task"].unique().to_list()
-    wanted = list(metrics) if metrics else [m for t in ("binary", "multiclass") if t in tasks for m in TASK_METRICS[t]]
-    wanted = list(dict.fromkeys(wanted))
+    default_metrics, costs = _default_columns(long)
+    wanted = list(dict.fromkeys(metrics)) if metrics else default_metrics
     available = set(long["metric"].unique().to_list())
     unknown = [m for m in wanted if m not in available]
     if metrics and unknown:
         raise UserError(f"unknown metric(s) {', '.join(unknown)}; available: {', '.join(sorted(available))}")
     wanted = [m for m in wanted if m in available]
-    columns = wanted + [m for m in COST_METRICS if m in available and m not in wanted]
+    columns = wanted + [m for m in costs if m in available and m not in wanted]
     per_run = (
         long.filter(pl.col("metric").is_in(columns))
         .pivot(on="metric", index=["run_id", "path", "seed", "config_hash", *KEYS], values="value",
@@ -131,7 +159,8 @@ def compare(paths: Sequence[str], baseline: str | None = None, metrics: Sequence
     if baseline is not None:
         grouped = _add_baseline(grouped, baseline, wanted)
     drop = [f"{m}_values" for m in columns]
-    return Comparison(grouped.drop(drop), columns, incomplete, baseline, len(complete))
+    runners = sorted(long["runner"].unique().to_list())
+    return Comparison(grouped.drop(drop), columns, incomplete, baseline, len(complete), runners)
 
 
 def _pick_baseline(row: dict[str, Any], candidates: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -173,21 +202,26 @@ def _fmt(value: float | None, metric: str) -> str:
         return "–"
     if metric == "embedding_bytes":
         return f"{value / 2**20:,.2f}"
-    if metric == "interactions_per_second":
+    if metric in ("interactions_per_second", "train_samples_per_second", "parameters"):
         return f"{value:,.0f}"
-    if metric == "wall_seconds":
+    if metric.endswith("_seconds"):
         return f"{value:,.1f}"
     return f"{value:.4f}"
 
 
+HEADERS = {"embedding_bytes": "emb MiB", "interactions_per_second": "int/s", "wall_seconds": "wall s",
+           "parameters": "params", "search_seconds": "search s", "train_seconds": "train s",
+           "test_seconds": "test s", "train_samples_per_second": "samples/s"}
+
+
 def _header(metric: str) -> str:
-    return {"embedding_bytes": "emb MiB", "interactions_per_second": "int/s", "wall_seconds": "wall s"}.get(metric, metric)
+    return HEADERS.get(metric, metric)
 
 
 def display_rows(cmp: Comparison) -> tuple[list[str], list[list[str]]]:
     """Header and string cells, shared by every text format."""
     rows = cmp.rows
-    show_model = rows["model"].n_unique() > 1
+    show_model = rows["model"].n_unique() > 1 or "offline" in cmp.runners
     show_variant = (rows["variant"] != "").any()
     header = ["dataset", "task", *(["model"] if show_model else []), "method", *(["variant"] if show_variant else []), "n"]
     for m in cmp.metrics:
@@ -206,7 +240,7 @@ def display_rows(cmp: Comparison) -> tuple[list[str], list[list[str]]]:
             line.append(text)
             if cmp.baseline and f"{m}_delta" in rows.columns:
                 delta, p = row.get(f"{m}_delta"), row.get(f"{m}_p")
-                line.append("–" if delta is None else f"{delta:+.4f}" if m not in COST_METRICS else f"{delta:+,.1f}")
+                line.append("–" if delta is None else f"{delta:+.4f}" if m not in ALL_COST_METRICS else f"{delta:+,.1f}")
                 line.append("–" if p is None else f"{p:.3g}")
         cells.append(line)
     return header, cells

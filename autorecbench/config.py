@@ -85,20 +85,25 @@ def validate(cfg: DictConfig) -> None:
     from autorecbench.methods.base import method_class
     from autorecbench.models import model_class
 
+    from autorecbench.execute import configured_runner, runner_config
+
     resolved(cfg)
-    TaskSpec.from_name(str(cfg.task))
+    task = TaskSpec.from_name(str(cfg.task))
+    runner = configured_runner(cfg)
     model = model_class(str(cfg.model.name))
+    model_protocols = getattr(model, "protocols", ("streaming",))
+    if runner.protocol not in model_protocols:
+        raise UserError(f"model {cfg.model.name!r} runs with runner={', runner='.join(model_protocols)}, "
+                        f"not runner={runner.name}")
     try:
-        method_class(str(cfg.method.name)).check_config(cfg.method)
+        method_class(str(cfg.method.name), runner.protocol).check_config(cfg.method)
         check_model = getattr(model, "check_config", None)
         if check_model is not None:
             check_model(cfg.model)
     except (ValueError, TypeError) as exc:  # e.g. a word where a number belongs
         raise UserError(f"bad method/model option: {exc}") from None
-    DatasetConfig.from_mapping(cfg.data)
+    runner.check_data(DatasetConfig.from_mapping(cfg.data), task)
     resolve_device(str(cfg.device))
-    from autorecbench.execute import runner_config
-
     runner_config(cfg)
 
 

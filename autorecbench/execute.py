@@ -26,24 +26,23 @@ from autorecbench import envinfo
 from autorecbench.config import config_hash, resolve_device, resolved, variant_label
 from autorecbench.data.cache import DatasetConfig, PreparedData, prepare
 from autorecbench.data.schema import TaskSpec
-from autorecbench.data.stream import load_stream
-from autorecbench.errors import UserError
 from autorecbench.methods.base import MethodContext, method_class
 from autorecbench.results import RunFolder, make_run_id
-from autorecbench.runners.streaming import BatchHook, Progress, StreamingConfig, StreamingRunner
+from autorecbench.runners.base import Runner, build_config, runner_class
+from autorecbench.runners.streaming import BatchHook, Progress
 
 log = logging.getLogger("autorecbench")
 
 
-def runner_config(cfg: DictConfig) -> StreamingConfig:
+def runner_config(cfg: DictConfig) -> Any:
+    """The configured runner's typed config (``runner.name`` picks the runner)."""
     options = resolved(cfg)["runner"]
     name = options.pop("name", "streaming")
-    if name != "streaming":
-        raise UserError(f"unknown runner {name!r}; available: streaming")
-    try:
-        return StreamingConfig(**options)
-    except TypeError as exc:
-        raise UserError(f"bad runner config: {exc}") from None
+    return build_config(runner_class(str(name)), options)
+
+
+def configured_runner(cfg: DictConfig) -> type[Runner]:
+    return runner_class(str(cfg.runner.get("name", "streaming")))
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -60,11 +59,10 @@ def prepare_data(cfg: DictConfig) -> PreparedData:
     return prepare(DatasetConfig.from_mapping(cfg.data))
 
 
-def _cost_rows(summary: dict[str, Any], memory: dict[str, Any], wall: float, peak_rss: int) -> list[dict[str, Any]]:
+def _cost_rows(runner_cost: dict[str, float], memory: dict[str, Any], wall: float, peak_rss: int) -> list[dict[str, Any]]:
     values = {
         "wall_seconds": wall,
-        "stream_seconds": summary["stream_seconds"],
-        "interactions_per_second": summary["interactions_per_second"],
+        **runner_cost,
         "embedding_bytes": memory["embedding_bytes"],
         "embedding_optimizer_bytes": memory["embedding_optimizer_bytes"],
         "parameters": memory["parameters"],
@@ -86,29 +84,33 @@ def execute(
     task = TaskSpec.from_name(str(cfg.task))
     device = resolve_device(str(cfg.device))
     seed = int(cfg.seed)
+    runner_cls = configured_runner(cfg)
     runner_cfg = runner_config(cfg)
-    method_cls = method_class(str(cfg.method.name))
+    method_cls = method_class(str(cfg.method.name), runner_cls.protocol)
+    data_cfg = DatasetConfig.from_mapping(cfg.data)
+    runner_cls.check_data(data_cfg, task)
 
-    prepared = prepare_data(cfg)  # UserError here: nothing written yet
+    prepared = prepare(data_cfg)  # UserError here: nothing written yet
     schema = prepared.schema
     seed_everything(seed, bool(cfg.deterministic))
-    stream = load_stream(
-        prepared, task, device, order=runner_cfg.order, order_seed=runner_cfg.order_seed, max_rows=runner_cfg.max_rows
-    )
+    runner = runner_cls(runner_cfg, progress, hook)
+    data = runner.load(prepared, task, device, data_cfg)
     method = method_cls(MethodContext(schema, task, cfg.method, cfg.model, device, seed))
 
-    run_id = make_run_id(started_wall, schema.dataset, task.name, method_cls.name, seed)
+    model = str(cfg.model.name)
+    run_id = make_run_id(started_wall, schema.dataset, task.name, method_cls.name, seed,
+                         model if runner_cls.names_model else None)
     folder = RunFolder(Path(str(cfg.paths.results_dir)), run_id)
     if on_folder:
         on_folder(folder.path)
-    ids = {"dataset": schema.dataset, "task": task.name, "method": method_cls.name, "seed": seed}
+    ids = {"dataset": schema.dataset, "task": task.name, "method": method_cls.name, "seed": seed, "model": model}
     info: dict[str, Any] = {
         "run_id": folder.run_id,
         "status": "running",
         "started_at": started_wall.astimezone().isoformat(timespec="seconds"),
         **ids,
-        "model": str(cfg.model.name),
-        "runner": "streaming",
+        "runner": runner_cls.name,
+        "headline_split": runner_cls.headline_split,
         "device": str(device),
         "overrides": list(overrides),
         "variant": variant_label(list(overrides)),
@@ -119,16 +121,7 @@ def execute(
             "faithful": method_cls.faithful,
             "fidelity": method_cls.fidelity,
         },
-        "data": {
-            "fingerprint": schema.fingerprint,
-            "cache_dir": str(prepared.directory),
-            "source": schema.source,
-            "n_rows": schema.n_rows,
-            "n_users": schema.n_users,
-            "n_items": schema.n_items,
-            "time_min": schema.time_min,
-            "time_max": schema.time_max,
-        },
+        "data": {"cache_dir": str(prepared.directory), **schema.run_info()},
         "git": envinfo.git_state(),
         "versions": envinfo.package_versions(),
         "hardware": envinfo.hardware(device),
@@ -136,19 +129,18 @@ def execute(
     try:
         folder.write_text("config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         folder.write_json("run.json", info)
-        log.info("run %s: %s on %s (%s task, %d rows, device %s)", folder.run_id, method_cls.name,
-                 schema.dataset, task.name, len(stream), device)
-        result = StreamingRunner(runner_cfg, progress, hook).run(method, stream)
+        log.info("run %s: %s on %s (%s task, %s runner, %d rows, device %s)", folder.run_id, method_cls.name,
+                 schema.dataset, task.name, runner_cls.name, len(data), device)
+        result = runner.run(method, data)
         memory = method.memory().to_dict()
         wall = time.perf_counter() - t0
         peak_rss = envinfo.peak_rss_bytes()
-        summary = result.summary()
-        folder.write_table("metrics", ids, result.metrics + _cost_rows(summary, memory, wall, peak_rss))
-        folder.write_table("curve", ids, result.curve)
-        folder.write_table("buckets", ids, result.buckets)
+        folder.write_table("metrics", ids, result.metrics + _cost_rows(result.cost, memory, wall, peak_rss))
+        for name, rows in result.tables.items():
+            folder.write_table(name, ids, rows)
         folder.write_json("architecture.json", method.architecture())
         reports = method.reports()
-        clash = set(reports) & {"metrics", "curve", "buckets", "config", "run", "architecture"}
+        clash = set(reports) & {"metrics", "config", "run", "architecture", *result.tables}
         if clash:
             raise RuntimeError(f"method report names {sorted(clash)} clash with the run's own files")
         for name, rows in reports.items():
@@ -157,17 +149,11 @@ def execute(
             status="complete",
             finished_at=dt.datetime.now().astimezone().isoformat(timespec="seconds"),
             wall_seconds=wall,
-            stream={
-                "order": runner_cfg.order,
-                "order_seed": runner_cfg.order_seed,
-                "max_rows": runner_cfg.max_rows,
-                "batch_size": runner_cfg.batch_size,
-                **summary,
-            },
+            **result.info,
             memory=memory,
             peak_rss_bytes=peak_rss,
             cuda_peak_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-            metrics={r["metric"]: r["value"] for r in result.metrics if r["split"] == "eval"},
+            metrics=result.headline,
             reports=sorted(f"{name}.parquet" for name in reports),
         )
         folder.write_json("run.json", info)
@@ -180,6 +166,5 @@ def execute(
         except OSError:
             pass
         raise
-    log.info("run %s complete in %.1fs (%.0f interactions/s)", final.name, info["wall_seconds"],
-             summary["interactions_per_second"])
+    log.info("run %s complete in %.1fs (%s)", final.name, info["wall_seconds"], result.rate)
     return final

@@ -68,10 +68,15 @@ class SplitAdam:
 
     def embedding_state_bytes(self) -> int:
         """Bytes of optimiser state (Adam moments) held for the embedding tables."""
+        return self.state_bytes(self._embedding_ids)
+
+    def state_bytes(self, params: Iterable[nn.Parameter] | set[int]) -> int:
+        """Bytes of optimiser state held for ``params`` (parameters, or a set of their ``id``s)."""
+        ids = params if isinstance(params, set) else {id(p) for p in params}
         total = 0
         for opt in self.optimizers:
             for param, state in opt.state.items():
-                if id(param) in self._embedding_ids:
+                if id(param) in ids:
                     total += sum(tensor_bytes(v) for v in state.values() if isinstance(v, torch.Tensor))
         return total
 

@@ -5,14 +5,15 @@ every file is complete, so a folder without the suffix is always a finished run.
 its ``.partial`` folder with ``run.json`` saying ``"status": "failed"`` and the error; a run killed
 outright leaves ``"status": "running"``. ``compare`` lists both apart and never averages them.
 
-Files of a finished run (all Parquet tables in long format; the first five columns identify the run):
+Files of a finished run (all Parquet tables in long format; the first six columns identify the run:
+run_id, dataset, task, method, seed, model):
 - ``config.yaml``: the resolved config.
 - ``run.json``: status, seed, overrides, config hash, git commit, package versions, hardware, wall time,
-  throughput, evaluation window, memory, dataset provenance.
-- ``metrics.parquet``: run_id, dataset, task, method, seed, split, metric, value.
-- ``curve.parquet``: run_id, dataset, task, method, seed, window, start, end, n, metric, value.
-- ``buckets.parquet``: run_id, dataset, task, method, seed, entity, bucket, freq_min, freq_max, label, n,
-  metric, value.
+  throughput, evaluation window or split, memory, dataset provenance.
+- ``metrics.parquet``: ids, split, metric, value.
+- streaming runs: ``curve.parquet`` (ids, window, start, end, n, metric, value) and ``buckets.parquet`` (ids,
+  entity, bucket, freq_min, freq_max, label, n, metric, value).
+- offline runs: ``epochs.parquet`` (ids, stage, evaluation, epoch, step, samples, split, metric, value).
 - ``architecture.json``: what the method's search chose.
 """
 
@@ -37,6 +38,7 @@ ID_SCHEMA: dict[str, Any] = {
     "task": pl.String,
     "method": pl.String,
     "seed": pl.Int64,
+    "model": pl.String,
 }
 TABLE_SCHEMAS: dict[str, dict[str, Any]] = {
     "metrics": {"split": pl.String, "metric": pl.String, "value": pl.Float64},
@@ -48,11 +50,17 @@ TABLE_SCHEMAS: dict[str, dict[str, Any]] = {
         "entity": pl.String, "bucket": pl.Int64, "freq_min": pl.Int64, "freq_max": pl.Int64,
         "label": pl.String, "n": pl.Int64, "metric": pl.String, "value": pl.Float64,
     },
+    "epochs": {
+        "stage": pl.String, "evaluation": pl.Int64, "epoch": pl.Float64, "step": pl.Int64, "samples": pl.Int64,
+        "split": pl.String, "metric": pl.String, "value": pl.Float64,
+    },
 }
 
 
-def make_run_id(started: dt.datetime, dataset: str, task: str, method: str, seed: int) -> str:
-    return f"{started:%Y%m%d-%H%M%S}_{dataset}_{task}_{method}_s{seed}"
+def make_run_id(started: dt.datetime, dataset: str, task: str, method: str, seed: int, model: str | None = None) -> str:
+    """``<time>_<dataset>_<task>[_<model>]_<method>_s<seed>`` (the model where a protocol has several)."""
+    model_part = f"_{model}" if model else ""
+    return f"{started:%Y%m%d-%H%M%S}_{dataset}_{task}{model_part}_{method}_s{seed}"
 
 
 class RunFolder:
@@ -85,7 +93,8 @@ class RunFolder:
     def write_table(self, table: str, ids: dict[str, Any], rows: Iterable[dict[str, Any]]) -> None:
         """One Parquet table: id columns, then the table's documented columns (or, for a method's own
         report, the columns its rows have)."""
-        rows = [{**ids, "run_id": self.run_id, **row} for row in rows]
+        base = {**dict.fromkeys(ID_SCHEMA), **ids, "run_id": self.run_id}  # an id not given is null
+        rows = [{**base, **row} for row in rows]
         if table in TABLE_SCHEMAS:
             schema = {**ID_SCHEMA, **TABLE_SCHEMAS[table]}
             frame = pl.DataFrame(rows, schema=schema, orient="row") if rows else pl.DataFrame(schema=schema)

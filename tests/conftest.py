@@ -6,8 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# On a shared CPU, OpenMP's default busy-waiting makes torch's two threads up to 30x slower whenever another
+# process holds a core; passive waiting keeps the suite's timing sane (set before torch loads OpenMP; the
+# CLI subprocesses inherit it).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_ML_LATEST_SMALL = REPO.parent / "shared" / "data" / "ml-latest-small"

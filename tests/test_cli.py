@@ -33,7 +33,7 @@ def test_default_run_writes_a_complete_folder(home: Path, ml100k_dir: Path) -> N
     assert info["data"]["n_rows"] == 100_000 and info["stream"]["n_rows"] == 20_000
     assert info["memory"]["embedding_bytes"] == (943 + 1682) * 128 * 4
     metrics = pl.read_parquet(folder / "metrics.parquet")
-    assert metrics.columns == ["run_id", "dataset", "task", "method", "seed", "split", "metric", "value"]
+    assert metrics.columns == ["run_id", "dataset", "task", "method", "seed", "model", "split", "metric", "value"]
     evals = dict(metrics.filter(pl.col("split") == "eval").select("metric", "value").iter_rows())
     assert set(evals) == {"accuracy", "mse", "logloss", "auc", "n"} and evals["n"] == 4000
     assert 0.4 < evals["accuracy"] < 0.9 and 0.0 < evals["mse"] < 0.5

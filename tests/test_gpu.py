@@ -56,3 +56,24 @@ def test_cpu_and_cuda_runs_agree_closely(home: Path, ml100k_dir: Path) -> None:
     # Same initialisation (made on the CPU) and data; float rounding differs, so close, not identical.
     assert runs["cuda"]["accuracy"] == pytest.approx(runs["cpu"]["accuracy"], abs=0.03)
     assert runs["cuda"]["mse"] == pytest.approx(runs["cpu"]["mse"], abs=0.02)
+
+
+CTR_SMALL = ["data=synthetic-criteo", "data.generator.rows=20000", "data.generator.n_fields=12",
+             "data.generator.n_informative=6", "data.generator.n_pairs=3", "data.generator.cardinality_max=20",
+             "runner.epochs=6", "-q"]
+
+
+def test_offline_cuda_resident_and_pinned_data(home: Path) -> None:
+    """The CTR path on a GPU: splits resident on the device or pinned on the CPU give the same batches; the
+    same seed gives the same numbers; DeepFM learns the planted interactions."""
+    for placement in ("device", "device", "pinned"):
+        run_cli("run", "device=cuda", f"runner.data_on_device={placement}", *CTR_SMALL, home=home, check=True)
+    infos = [read_run(f) for f in run_folders(home)]
+    resident = [i for i in infos if i["split"]["on_device"]]
+    pinned = [i for i in infos if not i["split"]["on_device"]]
+    assert len(resident) == 2 and len(pinned) == 1
+    assert resident[0]["metrics"] == resident[1]["metrics"]
+    assert pinned[0]["metrics"]["auc"] == pytest.approx(resident[0]["metrics"]["auc"], abs=1e-3)
+    assert resident[0]["metrics"]["auc"] > 0.7
+    assert resident[0]["offline"]["fit"]["samples_per_second"] > 0 and "train_gpu_seconds" in str(
+        pl.read_parquet(next(iter(run_folders(home))) / "metrics.parquet")["metric"].to_list())

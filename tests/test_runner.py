@@ -182,5 +182,5 @@ def test_method_reports_become_parquet_tables(tmp_path) -> None:
     ids = {"dataset": "d", "task": "binary", "method": "m", "seed": 1}
     folder.write_table("sizes", ids, [{"entity": "user", "size": 2, "count": 10}, {"entity": "item", "size": 4, "count": 3}])
     frame = pl.read_parquet(folder.path / "sizes.parquet")
-    assert frame.columns == ["run_id", "dataset", "task", "method", "seed", "entity", "size", "count"]
+    assert frame.columns == ["run_id", "dataset", "task", "method", "seed", "model", "entity", "size", "count"]
     assert frame["seed"].dtype == pl.Int64 and frame.height == 2

@@ -1,11 +1,14 @@
-"""Raw files -> validated, time-ordered, id-encoded Parquet cache under ``data/processed/``.
+"""Raw files -> validated, encoded Parquet cache under ``data/processed/``, one builder per dataset family.
 
-The cache folder is ``<processed_dir>/<dataset>-<fingerprint[:16]>/`` and holds ``interactions.parquet``
-(user, item: contiguous int32 codes; rating: float32; timestamp: int64), ``users.parquet`` and
-``items.parquet`` (code -> raw id) and ``schema.json``. The fingerprint covers the cache format version,
-the raw file (name, format, size, modification time) and every preprocessing option, so preparing twice
-reuses the cache and changing any option builds a new one. Folders are written under a temporary name
-and renamed when complete: a failed preparation leaves nothing behind.
+The cache folder is ``<processed_dir>/<dataset>-<fingerprint[:16]>/`` with ``schema.json`` and:
+- family ``movielens`` (ratings): ``interactions.parquet`` (user, item: contiguous int32 codes; rating:
+  float32; timestamp: int64) in time order, ``users.parquet`` and ``items.parquet`` (code -> raw id);
+- families ``criteo`` and ``avazu`` (CTR, ``ctr.py``): ``part-00000.parquet``, ... (one int32 code column per
+  field, ``label`` and ``split`` int8) and ``vocab/<field>.parquet``.
+The fingerprint covers the cache format version, the raw files (name, format, size, modification time) and
+every preprocessing option of the family, so preparing twice reuses the cache and changing any option builds
+a new one. Folders are written under a temporary name and renamed when complete: a failed preparation
+leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
 import os
 import shutil
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +31,9 @@ from autorecbench.data.movielens import READERS
 from autorecbench.data.schema import FieldSpec, Schema
 from autorecbench.errors import MissingDataError, UserError
 
-CACHE_VERSION = 1
+log = logging.getLogger("autorecbench")
+# 2: schema.json gained label, splits and user_field; CTR families.
+CACHE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,20 @@ class DatasetConfig:
     min_user_count: int = 1
     min_item_count: int = 1
     generator: dict[str, Any] | None = None
+    # Offline protocol: how rows are split into train / valid / test (``splits.py``). CTR families split
+    # while preparing (vocabularies are fitted on the training rows), MovieLens when a run loads the cache.
+    split: str = "random"
+    split_seed: int = 2018
+    split_ratio: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    # CTR families (``ctr.CTROptions`` documents them).
+    min_count: int = 1
+    int_transform: str = "log_square"
+    int_missing: str = "own"
+    skip_bad_rows: bool = False
+    fields: list[str] | None = None
+    user_field: str | None = None
+    days: list[int] | None = None
+    chunk_bytes: int = 64 << 20
     extra: dict[str, Any] = field(default_factory=dict)
 
     @staticmethod
@@ -68,22 +89,49 @@ class DatasetConfig:
             cfg = DatasetConfig(**data, extra=extra)
         except TypeError as exc:
             raise UserError(f"bad data config: {exc}") from None
+        family = cfg.family_spec()
+        formats = family.formats()
         for s in cfg.sources:
-            if s.format not in READERS:
-                raise UserError(f"data.sources: unknown format {s.format!r}; known: {', '.join(READERS)}")
+            if s.format not in formats:
+                raise UserError(f"data.sources: unknown format {s.format!r} for family {cfg.family!r}; "
+                                f"known: {', '.join(formats)}")
+            if "{day}" in s.file and not cfg.days:
+                raise UserError(f"data.days must list the days to read ({s.file}), e.g. data.days=[0,1]")
         if not cfg.sources:
             raise UserError(f"data config {cfg.name!r} lists no sources")
         if cfg.min_user_count < 1 or cfg.min_item_count < 1:
             raise UserError("data.min_user_count and data.min_item_count must be >= 1")
+        from autorecbench.data.splits import check_rule
+
+        check_rule(cfg.split, cfg.split_ratio)
+        family.options(cfg)  # validates the family's own options
         return cfg
+
+    def family_spec(self) -> Family:
+        if self.family not in FAMILIES:
+            raise UserError(f"data.family: unknown family {self.family!r}; known: {', '.join(FAMILIES)}")
+        return FAMILIES[self.family]
+
+    @property
+    def kind(self) -> str:
+        """``ratings`` (user-item ratings, streamable) or ``ctr`` (many categorical fields and a click label)."""
+        return self.family_spec().kind
 
     def options(self) -> dict[str, Any]:
         """Every preprocessing option, as it enters the fingerprint."""
-        return {
-            "min_user_count": self.min_user_count,
-            "min_item_count": self.min_item_count,
-            "generator": self.generator,
-        }
+        return self.family_spec().options(self)
+
+    def ctr_options(self) -> Any:
+        """The CTR preprocessing options, typed (``ctr.CTROptions``)."""
+        from autorecbench.data.ctr import CTROptions
+
+        return CTROptions(
+            split=self.split, split_seed=self.split_seed, split_ratio=tuple(self.split_ratio),
+            min_count=self.min_count, int_transform=self.int_transform, int_missing=self.int_missing,
+            skip_bad_rows=self.skip_bad_rows, fields=tuple(self.fields) if self.fields is not None else None,
+            user_field=self.user_field, days=tuple(self.days) if self.days is not None else None,
+            chunk_bytes=self.chunk_bytes,
+        )
 
     def raw_dir(self) -> Path:
         base = Path(self.path)
@@ -103,32 +151,53 @@ class PreparedData:
         return self.directory / "interactions.parquet"
 
 
-def locate_source(cfg: DatasetConfig, raw_dir: Path | None = None) -> tuple[Path, SourceSpec] | None:
-    """The first configured source present in the raw folder (plain or ``.gz``), or None."""
+def source_names(cfg: DatasetConfig, source: SourceSpec) -> list[str]:
+    """The file names a source stands for: one, or one per selected day for a ``{day}`` pattern."""
+    if "{day}" in source.file:
+        return [source.file.format(day=d) for d in cfg.days or []]
+    return [source.file]
+
+
+def locate_sources(cfg: DatasetConfig, raw_dir: Path | None = None) -> tuple[list[Path], SourceSpec] | None:
+    """The files of the first configured source whose files are all present (each plain or ``.gz``)."""
     raw_dir = raw_dir if raw_dir is not None else Path(cfg.path)
     for source in cfg.sources:
-        for candidate in (raw_dir / source.file, raw_dir / f"{source.file}.gz"):
-            if candidate.is_file():
-                return candidate, source
+        found = []
+        for name in source_names(cfg, source):
+            hit = next((c for c in (raw_dir / name, raw_dir / f"{name}.gz") if c.is_file()), None)
+            if hit is None:
+                break
+            found.append(hit)
+        else:
+            if found:
+                return found, source
     return None
 
 
+def locate_source(cfg: DatasetConfig, raw_dir: Path | None = None) -> tuple[Path, SourceSpec] | None:
+    """The (first) file of the first configured source present in the raw folder, or None."""
+    found = locate_sources(cfg, raw_dir)
+    return (found[0][0], found[1]) if found else None
+
+
 def missing_message(cfg: DatasetConfig) -> str:
-    files = " or ".join(s.file for s in cfg.sources)
+    files = " or ".join(", ".join(source_names(cfg, s)) for s in cfg.sources)
     where = f"{files} not found in {cfg.path}"
     how = f"; {cfg.download}" if cfg.download else (f"; download {cfg.url}" if cfg.url else "")
     return f"dataset {cfg.name!r}: {where}{how} (or point data.path=... at the folder)"
 
 
-def _fingerprint(cfg: DatasetConfig, path: Path, source: SourceSpec) -> str:
-    stat = path.stat()
+def _fingerprint(cfg: DatasetConfig, paths: list[Path], source: SourceSpec) -> str:
+    files = []
+    for path in paths:
+        stat = path.stat()
+        files.append({"file": path.name, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns})
     payload = {
         "cache_version": CACHE_VERSION,
         "dataset": cfg.name,
-        "file": path.name,
+        "family": cfg.family,
+        "files": files,
         "format": source.format,
-        "bytes": stat.st_size,
-        "mtime_ns": stat.st_mtime_ns,
         "options": cfg.options(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -151,7 +220,10 @@ def _filter_counts(frame: pl.DataFrame, min_user: int, min_item: int) -> pl.Data
     return frame
 
 
-def _build(cfg: DatasetConfig, path: Path, source: SourceSpec, fingerprint: str, out: Path) -> Schema:
+def _build_movielens(cfg: DatasetConfig, paths: list[Path], source: SourceSpec, fingerprint: str, out: Path) -> Schema:
+    if cfg.skip_bad_rows:
+        raise UserError("data.skip_bad_rows is not supported for the movielens family: fix or remove the bad rows")
+    (path,) = paths
     raw = READERS[source.format](path)
     rows_in_file = raw.height
     frame = _filter_counts(raw, cfg.min_user_count, cfg.min_item_count)
@@ -192,19 +264,97 @@ def _build(cfg: DatasetConfig, path: Path, source: SourceSpec, fingerprint: str,
         created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         cache_version=CACHE_VERSION,
         expected=cfg.expected,
+        label="rating",
+        user_field="user",
     )
     schema.save(out / "schema.json")
     return schema
 
 
+def _movielens_options(cfg: DatasetConfig) -> dict[str, Any]:
+    return {
+        "min_user_count": cfg.min_user_count,
+        "min_item_count": cfg.min_item_count,
+        "generator": cfg.generator,
+    }
+
+
+def _ctr_options(cfg: DatasetConfig) -> dict[str, Any]:
+    return {**cfg.ctr_options().fingerprint_options(), "generator": cfg.generator}
+
+
+def _ctr_formats() -> Collection[str]:
+    from autorecbench.data.ctr import ctr_formats
+
+    return ctr_formats()
+
+
+def _build_ctr(cfg: DatasetConfig, paths: list[Path], source: SourceSpec, fingerprint: str, out: Path) -> Schema:
+    from autorecbench.data.ctr import build_ctr, ctr_formats
+
+    fmt = ctr_formats()[source.format](cfg.ctr_options())
+    built = build_ctr(fmt, paths, out)
+    files = []
+    for path, digest in zip(paths, built.sha256):
+        stat = path.stat()
+        files.append({"path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest})
+    day_seconds = 86_400
+    span = built.day_span
+    schema = Schema(
+        dataset=cfg.name,
+        family=cfg.family,
+        fingerprint=fingerprint,
+        fields=[FieldSpec(name, cardinality) for name, cardinality in built.fields],
+        n_rows=built.n_rows,
+        time_min=span[0] * day_seconds if span else 0,
+        time_max=(span[1] + 1) * day_seconds - 1 if span else 0,
+        rating_values=[],
+        source={**{k: v for k, v in files[0].items()}, "format": source.format, "files": files},
+        options=cfg.options(),
+        rows_in_file=built.n_rows + built.skipped_rows,
+        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        cache_version=CACHE_VERSION,
+        expected=cfg.expected,
+        extra={
+            "split": built.split_rule,
+            "positives": built.positives,
+            "skipped_rows": built.skipped_rows,
+            "first_skipped": built.first_skipped,
+            "vocab_kept": built.vocab_kept,
+        },
+        label="click",
+        splits=built.splits,
+        user_field=cfg.user_field,
+    )
+    schema.save(out / "schema.json")
+    return schema
+
+
+@dataclass(frozen=True)
+class Family:
+    """How a dataset family is read: its kind, raw formats, cache builder and fingerprinted options."""
+
+    kind: str
+    formats: Callable[[], Collection[str]]
+    build: Callable[[DatasetConfig, list[Path], SourceSpec, str, Path], Schema]
+    options: Callable[[DatasetConfig], dict[str, Any]]
+
+
+FAMILIES: dict[str, Family] = {
+    "movielens": Family("ratings", lambda: READERS, _build_movielens, _movielens_options),
+    "criteo": Family("ctr", _ctr_formats, _build_ctr, _ctr_options),
+    "avazu": Family("ctr", _ctr_formats, _build_ctr, _ctr_options),
+}
+
+
 def prepare(cfg: DatasetConfig, *, force: bool = False) -> PreparedData:
     """Validate and cache the dataset; reuse an existing cache with the same fingerprint."""
     raw_dir = cfg.raw_dir()
-    found = locate_source(cfg, raw_dir)
+    found = locate_sources(cfg, raw_dir)
     if found is None:
         raise MissingDataError(missing_message(cfg))
-    path, source = found
-    fingerprint = _fingerprint(cfg, path, source)
+    paths, source = found
+    fingerprint = _fingerprint(cfg, paths, source)
     processed = Path(cfg.processed_dir)
     final = processed / f"{cfg.name}-{fingerprint[:16]}"
     if (final / "schema.json").is_file() and not force:
@@ -214,7 +364,11 @@ def prepare(cfg: DatasetConfig, *, force: bool = False) -> PreparedData:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        schema = _build(cfg, path, source, fingerprint, tmp)
+        schema = cfg.family_spec().build(cfg, paths, source, fingerprint, tmp)
+        skipped = schema.extra.get("skipped_rows", 0)
+        if skipped:
+            log.warning("%s: skipped %d malformed row(s) (data.skip_bad_rows); first: %s", cfg.name, skipped,
+                        schema.extra.get("first_skipped"))
         if final.exists():
             shutil.rmtree(final)
         try:
@@ -230,11 +384,11 @@ def prepare(cfg: DatasetConfig, *, force: bool = False) -> PreparedData:
 def cached(cfg: DatasetConfig) -> PreparedData | None:
     """The existing cache for the current raw file and options, without building or generating anything."""
     raw_dir = synthetic.generated_dir(Path(cfg.path), cfg.generator) if cfg.generator else Path(cfg.path)
-    found = locate_source(cfg, raw_dir)
+    found = locate_sources(cfg, raw_dir)
     if found is None:
         return None
-    path, source = found
-    final = Path(cfg.processed_dir) / f"{cfg.name}-{_fingerprint(cfg, path, source)[:16]}"
+    paths, source = found
+    final = Path(cfg.processed_dir) / f"{cfg.name}-{_fingerprint(cfg, paths, source)[:16]}"
     if (final / "schema.json").is_file():
         return PreparedData(Schema.load(final / "schema.json"), final, reused=True)
     return None

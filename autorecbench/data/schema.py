@@ -72,6 +72,12 @@ class Schema:
     cache_version: int
     expected: dict[str, int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # What the label column holds: "rating" (MovieLens; the task derives binary or 5-class labels from it) or
+    # "click" (CTR data: 0/1). CTR caches also hold a fixed train/valid/test split (rows per split here).
+    label: str = "rating"
+    splits: dict[str, int] | None = None
+    # The field identifying a user (gAUC groups by it); None when the data has none.
+    user_field: str | None = None
 
     def cardinality(self, name: str) -> int:
         for f in self.fields:
@@ -86,6 +92,31 @@ class Schema:
     @property
     def n_items(self) -> int:
         return self.cardinality("item")
+
+    @property
+    def field_names(self) -> list[str]:
+        return [f.name for f in self.fields]
+
+    def counts(self) -> dict[str, int]:
+        """The counts a dataset's ``expected`` block is checked against."""
+        if self.label == "rating":
+            return {"rows": self.n_rows, "users": self.n_users, "items": self.n_items}
+        return {"rows": self.n_rows, "fields": len(self.fields), **(self.splits or {})}
+
+    def run_info(self) -> dict[str, Any]:
+        """The dataset's provenance and size as recorded in a run's ``run.json``."""
+        info: dict[str, Any] = {"fingerprint": self.fingerprint, "source": self.source, "n_rows": self.n_rows}
+        if self.label == "rating":
+            info.update(n_users=self.n_users, n_items=self.n_items, time_min=self.time_min, time_max=self.time_max)
+        else:
+            info.update(
+                label=self.label,
+                n_fields=len(self.fields),
+                cardinalities={f.name: f.cardinality for f in self.fields},
+                splits=self.splits,
+                **{k: self.extra[k] for k in ("split", "positives", "skipped_rows") if k in self.extra},
+            )
+        return info
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

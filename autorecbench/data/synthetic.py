@@ -101,12 +101,20 @@ def generate_movielens(spec: MovieLensGenerator, directory: Path) -> Path:
 GENERATORS = {"movielens": (MovieLensGenerator, generate_movielens)}
 
 
+def _generators() -> dict[str, Any]:
+    """Every generator kind: MovieLens here, the CTR formats in ``synthetic_ctr``."""
+    from autorecbench.data.synthetic_ctr import CTR_GENERATORS
+
+    return {**GENERATORS, **CTR_GENERATORS}
+
+
 def _spec(options: dict[str, Any]) -> tuple[str, Any]:
     options = dict(options)
     kind = options.pop("kind", "movielens")
-    if kind not in GENERATORS:
-        raise UserError(f"unknown synthetic generator kind {kind!r}; known: {', '.join(GENERATORS)}")
-    spec_cls, _ = GENERATORS[kind]
+    generators = _generators()
+    if kind not in generators:
+        raise UserError(f"unknown synthetic generator kind {kind!r}; known: {', '.join(generators)}")
+    spec_cls, _ = generators[kind]
     try:
         return kind, spec_cls(**options)
     except TypeError as exc:
@@ -125,5 +133,5 @@ def ensure_generated(base: Path, options: dict[str, Any]) -> Path:
     directory = generated_dir(base, options)
     if not (directory / "truth.json").is_file():
         base.mkdir(parents=True, exist_ok=True)
-        GENERATORS[kind][1](spec, directory)
+        _generators()[kind][1](spec, directory)
     return directory

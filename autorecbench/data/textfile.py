@@ -8,8 +8,10 @@ of a parser's generic error. Plain files and ``.gz`` files are both accepted.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import polars as pl
@@ -18,6 +20,23 @@ from autorecbench.errors import DataFormatError
 
 # Unit separator: never present in the published formats, so each line lands in one column.
 _NO_SPLIT = "\x1f"
+
+
+def _text_column(source: Path | io.BytesIO, path: Path) -> pl.DataFrame:
+    """Every line of ``source`` as one string column ``text`` (blank lines as nulls, so row i is line i+1)."""
+    try:
+        return pl.read_csv(
+            source,
+            has_header=False,
+            separator=_NO_SPLIT,
+            quote_char=None,
+            new_columns=["text"],
+            schema={"text": pl.String},
+            encoding="utf8-lossy",
+        )
+    except pl.exceptions.PolarsError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataFormatError(path, f"unreadable as text lines ({first})") from None
 
 
 def read_lines(path: Path) -> pl.DataFrame:
@@ -40,20 +59,7 @@ def read_lines(path: Path) -> pl.DataFrame:
             raise DataFormatError(path, f"corrupt gzip file ({exc})") from None
         if source.getbuffer().nbytes == 0:
             raise DataFormatError(path, "empty file")
-    try:
-        frame = pl.read_csv(
-            source,
-            has_header=False,
-            separator=_NO_SPLIT,
-            quote_char=None,
-            new_columns=["text"],
-            schema={"text": pl.String},
-            encoding="utf8-lossy",
-        )
-    except pl.exceptions.PolarsError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataFormatError(path, f"unreadable as text lines ({first})") from None
-    frame = frame.with_row_index("line", offset=1).with_columns(
+    frame = _text_column(source, path).with_row_index("line", offset=1).with_columns(
         pl.col("text").str.strip_suffix("\r").str.strip_prefix("\ufeff")
     )
     frame = frame.filter(pl.col("text").is_not_null() & (pl.col("text") != ""))
@@ -131,3 +137,82 @@ def check(frame: pl.DataFrame, bad: pl.Series, column: str, message: str, path: 
     if bad.any():
         line, value = _first_bad(frame, bad, column)
         raise DataFormatError(path, f"{message}, found {value!r}", line=line)
+
+
+# ---------------------------------------------------------------- chunked reading (bounded memory)
+
+class _HashingReader(io.RawIOBase):
+    """A read-only file wrapper that feeds every byte it reads into a hash (the file's sha256 in one pass)."""
+
+    def __init__(self, raw: io.BufferedReader, digest: "hashlib._Hash") -> None:
+        self.raw = raw
+        self.digest = digest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        n = self.raw.readinto(buffer)
+        if n:
+            self.digest.update(memoryview(buffer)[:n])
+        return n or 0
+
+
+def _frame_of_lines(data: bytes, first_line: int, path: Path) -> pl.DataFrame:
+    """``data`` (whole lines) as columns ``line`` (1-based, counting from ``first_line``) and ``text``."""
+    return _text_column(io.BytesIO(data), path).with_row_index("line", offset=first_line).with_columns(
+        pl.col("line").cast(pl.Int64), pl.col("text").str.strip_suffix("\r")
+    )
+
+
+def iter_line_chunks(
+    path: Path, chunk_bytes: int = 64 << 20, digest: "hashlib._Hash | None" = None
+) -> Iterator[pl.DataFrame]:
+    """The lines of ``path`` (plain or ``.gz``) in chunks of about ``chunk_bytes`` of text, each as columns
+    ``line`` (1-based Int64, exact across chunks) and ``text`` (CR and a leading BOM stripped). Blank lines
+    are dropped, their numbers kept for the others. Memory stays bounded by the chunk size whatever the
+    file size; ``digest``, when given, receives the file's raw bytes (compressed ones for ``.gz``).
+
+    Raises DataFormatError for a missing, empty, truncated or corrupt file.
+    """
+    if not path.is_file():
+        raise DataFormatError(path, "file not found")
+    if path.stat().st_size == 0:
+        raise DataFormatError(path, "empty file")
+    next_line = 1
+    carry = b""
+    seen_text = False
+    with path.open("rb") as handle:
+        raw: io.RawIOBase | io.BufferedReader = _HashingReader(handle, digest) if digest is not None else handle
+        stream = gzip.GzipFile(fileobj=raw, mode="rb") if path.suffix == ".gz" else raw
+        while True:
+            try:
+                block = stream.read(chunk_bytes)
+            except EOFError:
+                raise DataFormatError(path, "truncated gzip file (compressed stream ended early)") from None
+            except (gzip.BadGzipFile, zlib.error, OSError) as exc:
+                raise DataFormatError(path, f"corrupt gzip file ({exc})") from None
+            last = not block
+            data = carry + block
+            if not last:
+                cut = data.rfind(b"\n")
+                if cut < 0:  # one line longer than the chunk: keep reading
+                    carry = data
+                    continue
+                data, carry = data[: cut + 1], data[cut + 1 :]
+            elif not data:
+                break
+            if next_line == 1 and data.startswith(b"\xef\xbb\xbf"):
+                data = data[3:]
+            n_lines = data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
+            if data:
+                frame = _frame_of_lines(data, next_line, path)
+                frame = frame.filter(pl.col("text").is_not_null() & (pl.col("text") != ""))
+                if frame.height:
+                    seen_text = True
+                    yield frame
+            next_line += n_lines
+            if last:
+                break
+    if not seen_text:
+        raise DataFormatError(path, "empty file (no non-blank lines)")

@@ -1,10 +1,14 @@
-"""The method interface and registry.
+"""The method interfaces (one per protocol) and the registry.
 
-A streaming method owns its embeddings, model, optimisers and search state. The runner calls, for each
-mini-batch in stream order, ``predict(batch)`` (no state change) and then ``learn(batch, history)`` (one
-update, including any search step on a validation batch drawn from ``history``). Every method reports
-``memory()`` (bytes its embedding tables really hold, dims per entity, parameter counts) and
-``architecture()`` (what its search chose). Runners never look at a method's name.
+A method owns its embeddings, model, optimisers and search state.
+- Streaming (:class:`StreamingMethod`): the runner calls, for each mini-batch in stream order,
+  ``predict(batch)`` (no state change) and then ``learn(batch, history)`` (one update, including any search
+  step on a validation batch drawn from ``history``).
+- Offline (:class:`OfflineMethod`): an optional ``search(loop)`` returning the chosen architecture, then
+  ``build(architecture)`` and the fit stage, in which the runner's loop calls ``train_step`` and ``predict``.
+Every method reports ``memory()`` (bytes its embedding tables really hold, dims per entity or field,
+parameter counts) and ``architecture()`` (what its search chose). Runners never look at a method's name.
+A name may be registered once per protocol (FIXED has a streaming and an offline class).
 """
 
 from __future__ import annotations
@@ -13,14 +17,19 @@ import importlib
 import pkgutil
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from omegaconf import DictConfig
+from torch import nn
 
 from autorecbench.data.schema import Schema, TaskSpec
 from autorecbench.data.stream import StreamBatch, StreamHistory
 from autorecbench.errors import UserError
+
+if TYPE_CHECKING:
+    from autorecbench.data.offline import OfflineBatch
+    from autorecbench.runners.offline import TrainLoop
 
 
 @dataclass
@@ -54,14 +63,16 @@ class MemoryReport:
         return asdict(self)
 
 
-class StreamingMethod(ABC):
+class Method(ABC):
+    """What every method has, whatever its protocol."""
+
     name: ClassVar[str]
     description: ClassVar[str]
     paper: ClassVar[str] = ""
     # False while the implementation is not yet faithful to its paper; ``fidelity`` then says how.
     faithful: ClassVar[bool] = True
     fidelity: ClassVar[str] = ""
-    protocols: ClassVar[tuple[str, ...]] = ("streaming",)
+    protocols: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, ctx: MethodContext) -> None:
         self.ctx = ctx
@@ -69,14 +80,6 @@ class StreamingMethod(ABC):
     @classmethod
     def check_config(cls, cfg: DictConfig) -> None:
         """Reject bad ``method`` options with a UserError before any data is read (override as needed)."""
-
-    @abstractmethod
-    def predict(self, batch: StreamBatch) -> torch.Tensor:
-        """P(y=1) ``[batch]`` (binary) or class probabilities ``[batch, classes]``. Must not change state."""
-
-    @abstractmethod
-    def learn(self, batch: StreamBatch, history: StreamHistory) -> torch.Tensor | None:
-        """One update on ``batch``; may draw validation rows from ``history``. Returns the training loss."""
 
     @abstractmethod
     def memory(self) -> MemoryReport: ...
@@ -91,13 +94,71 @@ class StreamingMethod(ABC):
         return {}
 
 
+class StreamingMethod(Method):
+    protocols: ClassVar[tuple[str, ...]] = ("streaming",)
+
+    @abstractmethod
+    def predict(self, batch: StreamBatch) -> torch.Tensor:
+        """P(y=1) ``[batch]`` (binary) or class probabilities ``[batch, classes]``. Must not change state."""
+
+    @abstractmethod
+    def learn(self, batch: StreamBatch, history: StreamHistory) -> torch.Tensor | None:
+        """One update on ``batch``; may draw validation rows from ``history``. Returns the training loss."""
+
+
+class OfflineMethod(Method):
+    """A method under the offline protocol (``runner=offline``). The runner calls, in order:
+
+    1. ``search(loop)``: optional (the default searches nothing and returns None). The method explores on
+       ``loop.train`` / ``loop.valid`` and returns the chosen architecture (a JSON-able dict). It may train a
+       search model with the runner's own loop, ``loop.fit(stage="search", step=..., predict=..., module=...)``
+       (epochs, evaluation and early stopping on validation, the curve recorded under stage ``search``), draw
+       validation batches for bi-level steps with ``loop.valid_batch()``, and read ``loop.step`` (the step
+       within the stage, e.g. for a temperature schedule). The runner times the call as ``search_seconds``.
+    2. ``build(architecture)``: a fresh model for the architecture (FIXED: the backbone with one embedding
+       size for every field), with its optimisers.
+    3. The fit stage: ``loop.fit(stage="fit", step=self.train_step, predict=self.predict, module=self.module())``
+       - epochs of shuffled training batches, evaluation on validation every epoch (or K steps), early
+       stopping on validation AUC, the best weights of ``module()`` restored.
+    4. ``predict`` on the test split.
+    """
+
+    protocols: ClassVar[tuple[str, ...]] = ("offline",)
+
+    def search(self, loop: TrainLoop) -> dict[str, Any] | None:
+        """Explore and return the chosen architecture; None when the method has no search stage."""
+        return None
+
+    @abstractmethod
+    def build(self, architecture: dict[str, Any] | None) -> None:
+        """Create the model (and its optimisers) the fit stage trains, for ``architecture``."""
+
+    @abstractmethod
+    def train_step(self, batch: OfflineBatch, loop: TrainLoop) -> torch.Tensor:
+        """One update on a training batch (may draw ``loop.valid_batch()``); returns the detached loss."""
+
+    @abstractmethod
+    def predict(self, batch: OfflineBatch) -> torch.Tensor:
+        """P(y=1) ``[batch]`` (binary) or class probabilities ``[batch, classes]``, in evaluation mode. Must
+        not change state."""
+
+    @abstractmethod
+    def module(self) -> nn.Module:
+        """The fit-stage model: what early stopping snapshots and restores."""
+
+
 METHODS: dict[str, type[StreamingMethod]] = {}
+OFFLINE_METHODS: dict[str, type[OfflineMethod]] = {}
+REGISTRIES: dict[str, dict[str, Any]] = {"streaming": METHODS, "offline": OFFLINE_METHODS}
 
 
-def register_method(cls: type[StreamingMethod]) -> type[StreamingMethod]:
-    if cls.name in METHODS and METHODS[cls.name] is not cls:
-        raise RuntimeError(f"two methods registered as {cls.name!r}")
-    METHODS[cls.name] = cls
+def register_method(cls: type[Method]) -> type[Method]:
+    """Register ``cls`` under its name for each protocol it declares."""
+    for protocol in cls.protocols:
+        registry = REGISTRIES[protocol]
+        if cls.name in registry and registry[cls.name] is not cls:
+            raise RuntimeError(f"two {protocol} methods registered as {cls.name!r}")
+        registry[cls.name] = cls
     return cls
 
 
@@ -111,8 +172,22 @@ def load_methods() -> dict[str, type[StreamingMethod]]:
     return METHODS
 
 
-def method_class(name: str) -> type[StreamingMethod]:
-    methods = load_methods()
+def all_methods() -> dict[str, dict[str, type[Method]]]:
+    """Every registered method name with its class per protocol."""
+    load_methods()
+    out: dict[str, dict[str, type[Method]]] = {}
+    for protocol, registry in REGISTRIES.items():
+        for name, cls in registry.items():
+            out.setdefault(name, {})[protocol] = cls
+    return out
+
+
+def method_class(name: str, protocol: str = "streaming") -> Any:
+    """The class of method ``name`` under ``protocol`` (the runner's)."""
+    methods = all_methods()
     if name not in methods:
         raise UserError(f"unknown method {name!r}; known: {', '.join(sorted(methods))}")
-    return methods[name]
+    if protocol not in methods[name]:
+        runs = ", ".join(f"runner={p}" for p in methods[name])
+        raise UserError(f"method {name!r} has no {protocol} version (it runs with {runs})")
+    return methods[name][protocol]

@@ -22,7 +22,7 @@ def register_model(name: str) -> Callable[[T], T]:
 
 
 def model_class(name: str) -> type[nn.Module]:
-    from autorecbench.models import rating  # noqa: F401  (registers the built-in backbones)
+    from autorecbench.models import backbones, rating  # noqa: F401  (register the built-in backbones)
 
     if name not in MODELS:
         raise UserError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")

@@ -198,3 +198,44 @@ class StreamingRunner:
                     rows.append({"entity": entity, "bucket": bucket, "freq_min": lo, "freq_max": hi,
                                  "label": bucket_label(bucket), "n": count, "metric": metric, "value": value})
         return rows
+
+
+# ---------------------------------------------------------------- the plugin ``execute`` drives (runner=streaming)
+
+from autorecbench.runners.base import RunOutput, Runner, register_runner  # noqa: E402
+
+
+@register_runner
+class StreamingProtocol(Runner):
+    """``runner=streaming``: a user-item rating stream, test-then-train, metrics over the evaluation window."""
+
+    name = "streaming"
+    protocol = "streaming"
+    config_class = StreamingConfig
+    headline_split = "eval"
+
+    @classmethod
+    def check_data(cls, data_cfg: Any, task: Any) -> None:
+        if data_cfg.kind != "ratings":
+            raise UserError(f"dataset {data_cfg.name!r} ({data_cfg.family}) is not a user-item rating stream: "
+                            "use runner=offline (or a CTR backbone, e.g. model=deepfm)")
+
+    def load(self, prepared: Any, task: Any, device: torch.device, data_cfg: Any) -> Stream:
+        from autorecbench.data.stream import load_stream
+
+        return load_stream(prepared, task, device, order=self.cfg.order, order_seed=self.cfg.order_seed,
+                           max_rows=self.cfg.max_rows)
+
+    def run(self, method: Any, data: Stream) -> RunOutput:
+        result = StreamingRunner(self.cfg, self.progress, self.hook).run(method, data)
+        summary = result.summary()
+        return RunOutput(
+            metrics=result.metrics,
+            cost={"stream_seconds": summary["stream_seconds"],
+                  "interactions_per_second": summary["interactions_per_second"]},
+            tables={"curve": result.curve, "buckets": result.buckets},
+            info={"stream": {"order": self.cfg.order, "order_seed": self.cfg.order_seed,
+                             "max_rows": self.cfg.max_rows, "batch_size": self.cfg.batch_size, **summary}},
+            headline={r["metric"]: r["value"] for r in result.metrics if r["split"] == "eval"},
+            rate=f"{summary['interactions_per_second']:.0f} interactions/s",
+        )

@@ -1,0 +1,193 @@
+"""``make bench`` (CTR part): preparing a large Criteo-format file, and DeepFM training speed. A benchmark, not a test.
+
+1. Writes a synthetic Criteo Kaggle-format ``train.txt`` of ``--rows`` rows (default 5,000,000; all 39
+   fields, up to ``--cardinality`` values per categorical field with Zipf frequencies, 2% empty values), once
+   per size, under ``--root``, in a process of its own.
+2. Prepares it as ``data=criteo`` does (BARS Criteo_x4_001 options: min count 10, log-square integers,
+   random 8:1:1 split) in its own process, and reports rows/s and that process's peak resident memory
+   (the chunked reader keeps it bounded: the issue asks for < 4 GB at 5M rows).
+3. Trains FIXED + DeepFM (AutoLoss §3.3 settings, batch 2000) for one epoch over ``--train-rows`` training
+   rows in its own process and reports training samples/s (optimisation steps only) on ``--device``.
+
+    python -m autorecbench.bench_ctr [--rows 5000000] [--train-rows 500000] [--device auto] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+MEMORY_LIMIT_BYTES = 4 * 2**30
+
+
+def _dataset(args: argparse.Namespace) -> tuple[Path, Path]:
+    """The raw folder holding ``train.txt`` (generated if absent) and the processed folder."""
+    from autorecbench.data.synthetic_ctr import CTRGenerator, generate_ctr
+
+    spec = CTRGenerator(seed=0, rows=args.rows, cardinality_min=4, cardinality_max=args.cardinality,
+                        max_int_cardinality=400, n_informative=12, n_pairs=8)
+    raw = Path(args.root) / f"criteo-bench-{spec.key()}"
+    if not (raw / "truth.json").is_file():
+        generate_ctr("criteo", spec, raw)
+    return raw, Path(args.root) / "processed"
+
+
+def _data_config(raw: Path, processed: Path) -> Any:
+    from autorecbench.config import compose
+    from autorecbench.data.cache import DatasetConfig
+
+    cfg = compose(["data=criteo", f"data.path={raw}", f"data.processed_dir={processed}"])
+    return cfg, DatasetConfig.from_mapping(cfg.data)
+
+
+def _prepare(args: argparse.Namespace) -> dict[str, Any]:
+    from autorecbench import envinfo
+    from autorecbench.data.cache import prepare
+
+    raw, processed = _dataset(args)
+    _, data_cfg = _data_config(raw, processed)
+    started = time.perf_counter()
+    prepared = prepare(data_cfg, force=True)
+    seconds = time.perf_counter() - started
+    schema = prepared.schema
+    return {
+        "stage": "prepare",
+        "rows": schema.n_rows,
+        "raw_bytes": (raw / "train.txt").stat().st_size,
+        "seconds": seconds,
+        "rows_per_second": schema.n_rows / seconds,
+        "peak_rss_bytes": envinfo.peak_rss_bytes(),
+        "cache_bytes": sum(p.stat().st_size for p in prepared.directory.rglob("*") if p.is_file()),
+        "feature_values": sum(f.cardinality for f in schema.fields),
+    }
+
+
+def _train(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from omegaconf import OmegaConf
+
+    from autorecbench import envinfo
+    from autorecbench.config import compose, resolve_device
+    from autorecbench.data.cache import prepare
+    from autorecbench.data.schema import TaskSpec
+    from autorecbench.execute import seed_everything
+    from autorecbench.methods.base import MethodContext, method_class
+    from autorecbench.runners.offline import OfflineConfig, OfflineProtocol
+
+    raw, processed = _dataset(args)
+    _, data_cfg = _data_config(raw, processed)
+    prepared = prepare(data_cfg)
+    cfg = compose(["data=criteo", f"model={args.model}", f"method.embedding_optimizer={args.optimizer}"])
+    device = resolve_device(args.device)
+    task = TaskSpec.from_name("binary")
+    options = OmegaConf.to_container(cfg.runner, resolve=True)
+    assert isinstance(options, dict)
+    options.pop("name")
+    total = sum((prepared.schema.splits or {}).values())
+    options.update(epochs=1, max_rows=int(args.train_rows * total / max(prepared.schema.splits["train"], 1)))
+    seed_everything(0, deterministic=False)
+    protocol = OfflineProtocol(OfflineConfig(**options))
+    data = protocol.load(prepared, task, device, data_cfg)
+    method = method_class("fixed", "offline")(MethodContext(prepared.schema, task, cfg.method, cfg.model, device, 0))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    out = protocol.run(method, data)
+    memory = method.memory()
+    return {
+        "stage": "train",
+        "model": args.model,
+        "optimizer": args.optimizer,
+        "device": str(device),
+        "gpu": envinfo.hardware(device).get("gpu"),
+        "train_rows": len(data.train),
+        "samples_per_second": out.cost["train_samples_per_second"],
+        "train_seconds": out.cost["train_step_seconds"],
+        "test_auc": out.headline.get("auc"),
+        "parameters": memory.parameters,
+        "embedding_bytes": memory.embedding_bytes,
+        "peak_rss_bytes": envinfo.peak_rss_bytes(),
+        "cuda_peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=5_000_000)
+    parser.add_argument("--cardinality", type=int, default=100_000, help="most values of a categorical field")
+    parser.add_argument("--train-rows", type=int, default=500_000)
+    parser.add_argument("--model", default="deepfm")
+    parser.add_argument("--optimizer", default="dense", help="embedding optimiser: dense (the papers') or lazy")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--root", default=None, help="folder for the generated file and cache (default: temporary)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per stage")
+    parser.add_argument("--stage", choices=["generate", "prepare", "train"], help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.stage == "generate":
+        print(json.dumps({"stage": "generate", "raw": str(_dataset(args)[0])}))
+        return
+    if args.stage:
+        print(json.dumps(_prepare(args) if args.stage == "prepare" else _train(args)))
+        return
+
+    from rich.table import Table
+
+    from autorecbench.console import out_console as console
+
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        args.root = args.root or tmp
+        # The file is written in a process of its own, so the preparation's peak memory is preparation only.
+        stages = ["generate", "prepare"] if args.skip_train else ["generate", "prepare", "train"]
+        for stage in stages:
+            if not args.json:
+                console.print(f"[dim]{stage} ({args.rows:,}-row Criteo-format file) …[/]")
+            cmd = [sys.executable, "-m", "autorecbench.bench_ctr", f"--stage={stage}", f"--rows={args.rows}",
+                   f"--cardinality={args.cardinality}", f"--train-rows={args.train_rows}", f"--model={args.model}",
+                   f"--optimizer={args.optimizer}", f"--device={args.device}", f"--root={args.root}"]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                console.print(f"[red]{stage} failed:[/]\n{done.stderr[-2000:]}")
+                sys.exit(1)
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            if stage == "generate":
+                continue
+            results.append(result)
+            if args.json:
+                print(json.dumps(result))
+    if args.json:
+        return
+    mib = 2**20
+    prep = results[0]
+    table = Table(title=f"CTR preprocessing, synthetic Criteo Kaggle format ({prep['raw_bytes'] / mib:,.0f} MiB)")
+    for col in ("rows", "seconds", "rows/s", "peak RSS MiB", "< 4 GiB", "feature values", "cache MiB"):
+        table.add_column(col, justify="right")
+    table.add_row(f"{prep['rows']:,}", f"{prep['seconds']:.1f}", f"{prep['rows_per_second']:,.0f}",
+                  f"{prep['peak_rss_bytes'] / mib:,.0f}", "yes" if prep["peak_rss_bytes"] < MEMORY_LIMIT_BYTES else "NO",
+                  f"{prep['feature_values']:,}", f"{prep['cache_bytes'] / mib:,.0f}")
+    console.print(table)
+    if len(results) > 1:
+        train = results[1]
+        table = Table(title=f"Training one epoch, FIXED + {train['model']} (batch 2000, {train['optimizer']} Adam)")
+        for col in ("device", "train rows", "samples/s", "parameters", "embedding MiB", "peak RSS MiB", "CUDA peak MiB",
+                    "test AUC"):
+            table.add_column(col, justify="right" if col != "device" else "left")
+        table.add_row(train["gpu"] or train["device"], f"{train['train_rows']:,}", f"{train['samples_per_second']:,.0f}",
+                      f"{train['parameters']:,}", f"{train['embedding_bytes'] / mib:,.1f}",
+                      f"{train['peak_rss_bytes'] / mib:,.0f}",
+                      "–" if train["cuda_peak_bytes"] is None else f"{train['cuda_peak_bytes'] / mib:,.0f}",
+                      f"{train['test_auc']:.4f}")
+        console.print(table)
+        console.print(f"torch threads: {train['torch_threads']}")
+
+
+if __name__ == "__main__":
+    main()

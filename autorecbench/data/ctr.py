@@ -1,0 +1,389 @@
+"""Click-through-rate datasets (Criteo, Avazu): raw text -> validated, encoded Parquet blocks, in bounded memory.
+
+The raw file is read in chunks of ``chunk_bytes`` of text (``textfile.iter_line_chunks``); each chunk is
+validated and turned into one raw *token* per field by the format's parser (``criteo.py``, ``avazu.py``), so
+memory stays bounded by the chunk size and the vocabularies, never by the file. Then:
+
+1. **split**: every row gets train / valid / test (``splits.py``): random 8:1:1 with a seed, or by time;
+2. **vocabularies** are counted on the *training rows only*; per field, a token seen at least ``min_count``
+   times in training keeps its own code (2, 3, ... in token order), every other token shares the field's
+   out-of-vocabulary code 0, and an empty raw value is the field's "missing" code 1 (so a field's cardinality
+   is ``2 + kept tokens``). Tokens of the validation and test rows that training never saw are OOV;
+3. **encoding**: the blocks are rewritten as int32 codes per field plus ``label`` (int8) and ``split`` (int8),
+   ``part-00000.parquet``, ... in file order, with ``vocab/<field>.parquet`` (code, token, count).
+
+Malformed rows (wrong field count, bad label, non-integer, bad hex, bad ``hour``) raise a DataFormatError
+naming file and line, unless ``skip_bad_rows`` is on: then they are dropped, counted and the first is
+reported. Options and their defaults are :class:`CTROptions`; the presets per dataset live in ``conf/data``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import polars as pl
+
+from autorecbench.data.splits import SPLITS, TRAIN, check_rule, equal_parts, random_split, split_by_day
+from autorecbench.data.textfile import iter_line_chunks
+from autorecbench.errors import DataFormatError, UserError
+
+OOV, MISSING = 0, 1  # reserved codes in every field
+FIRST_CODE = 2
+INT_TRANSFORMS = ("log_square", "identity")
+INT_MISSING = ("own", "zero")
+
+
+@dataclass(frozen=True)
+class CTROptions:
+    """Preprocessing options of a CTR dataset (``data.*`` keys); all but ``chunk_bytes`` enter the cache
+    fingerprint.
+
+    ``int_transform``: ``log_square`` (BARS/FuxiCTR code): an integer v > 2 becomes the bucket
+    ``floor(ln(v)^2)``, a smaller one stays its own category (so 0, 1, 2 and each negative value stay distinct
+    from the buckets and from each other); ``identity``: every integer is its own category.
+    ``int_missing``: ``own`` (an empty integer is the field's missing value) or ``zero`` (an empty integer reads
+    as 0, as BARS' Criteo_x4 configs do with ``na_value: 0``).
+    ``fields``: keep only these fields, in this order (None: all). ``user_field``: the field that identifies
+    a user, for gAUC (None: no gAUC).
+    """
+
+    split: str = "random"
+    split_seed: int = 2018
+    split_ratio: tuple[float, ...] = (0.8, 0.1, 0.1)
+    min_count: int = 1
+    int_transform: str = "log_square"
+    int_missing: str = "own"
+    skip_bad_rows: bool = False
+    fields: tuple[str, ...] | None = None
+    user_field: str | None = None
+    days: tuple[int, ...] | None = None
+    chunk_bytes: int = 64 << 20
+
+    def __post_init__(self) -> None:
+        check_rule(self.split, self.split_ratio)
+        if self.min_count < 1:
+            raise UserError(f"data.min_count must be >= 1, got {self.min_count}")
+        if self.int_transform not in INT_TRANSFORMS:
+            raise UserError(f"data.int_transform must be one of {', '.join(INT_TRANSFORMS)}, got {self.int_transform!r}")
+        if self.int_missing not in INT_MISSING:
+            raise UserError(f"data.int_missing must be one of {', '.join(INT_MISSING)}, got {self.int_missing!r}")
+        if self.chunk_bytes < 1024:
+            raise UserError("data.chunk_bytes must be >= 1024")
+
+    def fingerprint_options(self) -> dict[str, Any]:
+        options = asdict(self)
+        options.pop("chunk_bytes")  # how much is read at a time never changes the result
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
+
+
+# ---------------------------------------------------------------- malformed rows
+
+@dataclass
+class BadRows:
+    """Collects the malformed rows of a file: the first one is an error, or (``skip``) all are dropped and
+    counted."""
+
+    skip: bool
+    count: int = 0
+    first: str | None = None
+    _first_key: tuple[int, int] | None = field(default=None, repr=False)
+
+    def apply(self, path: Path, frame: pl.DataFrame, problems: list[tuple[pl.Series, Callable[[dict[str, Any]], str]]],
+              file_index: int = 0) -> pl.DataFrame:
+        """``problems``: (mask of bad rows, message for a bad row). Returns ``frame`` without the bad rows."""
+        earliest: tuple[int, str] | None = None
+        combined: pl.Series | None = None
+        for mask, describe in problems:
+            if not mask.any():
+                continue
+            index = int(mask.arg_true()[0])
+            line = int(frame["line"][index])
+            if earliest is None or line < earliest[0]:
+                earliest = (line, describe(frame.row(index, named=True)))
+            combined = mask if combined is None else (combined | mask)
+        if earliest is None or combined is None:
+            return frame
+        error = DataFormatError(path, earliest[1], line=earliest[0])
+        if not self.skip:
+            raise error
+        self.count += int(combined.sum())
+        key = (file_index, earliest[0])
+        if self._first_key is None or key < self._first_key:
+            self._first_key, self.first = key, str(error)
+        return frame.filter(~combined)
+
+
+def field_count_problem(lines: pl.DataFrame, separator: str, expected: int) -> tuple[pl.Series, Callable[[dict[str, Any]], str]]:
+    counts = lines["text"].str.count_matches(separator, literal=True) + 1
+    shown = "tab" if separator == "\t" else repr(separator)
+
+    def describe(row: dict[str, Any]) -> str:
+        found = row["text"].count(separator) + 1
+        return f"expected {expected} {shown}-separated fields, found {found}"
+
+    return counts != expected, describe
+
+
+def split_columns(lines: pl.DataFrame, separator: str, names: list[str]) -> pl.DataFrame:
+    """``line``, ``text`` and one string column per name (rows with another field count get garbage that
+    callers mask out)."""
+    return lines.with_columns(
+        pl.col("text").str.split_exact(separator, len(names) - 1).struct.rename_fields(names).alias("_f")
+    ).unnest("_f")
+
+
+@dataclass(frozen=True)
+class Check:
+    """A value check: rows where ``bad`` holds are malformed; the message gets the offending value of
+    ``column`` appended."""
+
+    bad: pl.Expr
+    column: str
+    message: str
+
+
+def value_problems(frame: pl.DataFrame, ok: pl.Series, checks: list[Check]
+                   ) -> list[tuple[pl.Series, Callable[[dict[str, Any]], str]]]:
+    """Evaluate every check in one pass over ``frame`` (among the ``ok`` rows only)."""
+    masks = frame.select([c.bad.fill_null(True).alias(f"_{i}") for i, c in enumerate(checks)])
+
+    def describe(check: Check) -> Callable[[dict[str, Any]], str]:
+        return lambda row: f"{check.message}: {row[check.column]!r}"
+
+    return [(masks[f"_{i}"] & ok, describe(c)) for i, c in enumerate(checks)]
+
+
+# ---------------------------------------------------------------- formats
+
+def int_token(expr: pl.Expr, transform: str) -> pl.Expr:
+    """Token of an integer value (null stays null = missing).
+
+    ``log_square``: v > 2 -> ``floor(ln(v)^2) + 2`` (the bucket, shifted past 2 so buckets never collide with
+    the small values); v <= 2 -> v itself. So tokens <= 2 are raw values and a token t >= 3 is bucket t - 2.
+    """
+    if transform == "identity":
+        return expr
+    bucket = expr.clip(lower_bound=3).cast(pl.Float64).log().pow(2).floor().cast(pl.Int64) + 2
+    return pl.when(expr > 2).then(bucket).otherwise(expr)
+
+
+class CTRFormat(ABC):
+    """A published raw format: how one chunk of lines becomes validated tokens.
+
+    ``parse`` returns one column per field of ``fields`` (Int64 or String tokens; null = missing), ``label``
+    (Int8, 0/1) and ``day`` (Int32, null when the format has no time: then ``equal_days`` cuts the rows into
+    that many equal consecutive "days" for ``split=time``).
+    """
+
+    name: ClassVar[str]
+    fields: ClassVar[list[str]]
+    equal_days: ClassVar[int | None] = None
+
+    def __init__(self, options: CTROptions) -> None:
+        self.options = options
+
+    @abstractmethod
+    def parse(self, lines: pl.DataFrame, path: Path, bad: BadRows, *, first_chunk: bool, file_day: int | None,
+              file_index: int) -> pl.DataFrame: ...
+
+    def token_label(self, fieldname: str, token: Any) -> str:
+        """Human-readable meaning of a token, for the vocabulary files."""
+        return str(token)
+
+
+CTR_FORMATS: dict[str, type[CTRFormat]] = {}
+
+
+def register_format(cls: type[CTRFormat]) -> type[CTRFormat]:
+    CTR_FORMATS[cls.name] = cls
+    return cls
+
+
+def ctr_formats() -> dict[str, type[CTRFormat]]:
+    from autorecbench.data import avazu, criteo  # noqa: F401  (register themselves)
+
+    return CTR_FORMATS
+
+
+# ---------------------------------------------------------------- the build
+
+@dataclass
+class CTRBuild:
+    """What a preparation produced (the rest of the schema comes from the config)."""
+
+    fields: list[tuple[str, int]]  # (name, cardinality)
+    n_rows: int
+    splits: dict[str, int]
+    positives: dict[str, int]
+    skipped_rows: int
+    first_skipped: str | None
+    sha256: list[str]
+    day_span: tuple[int, int] | None  # first and last day (days since 1970-01-01) when the format has dates
+    split_rule: dict[str, Any]
+    vocab_kept: dict[str, int]
+
+
+_DAY_FILE = re.compile(r"day_(\d+)")
+
+
+def file_day(path: Path) -> int | None:
+    """The day number of a Criteo 1TB file name (``day_3``, ``day_3.gz``), else None."""
+    match = _DAY_FILE.fullmatch(path.name.removesuffix(".gz"))
+    return int(match.group(1)) if match else None
+
+
+def _select_fields(fmt: CTRFormat, options: CTROptions) -> list[str]:
+    if options.fields is None:
+        return list(fmt.fields)
+    unknown = [f for f in options.fields if f not in fmt.fields]
+    if unknown or not options.fields or len(set(options.fields)) != len(options.fields):
+        raise UserError(f"data.fields: unknown or repeated field(s) {unknown or list(options.fields)}; "
+                        f"the {fmt.name} format has {', '.join(fmt.fields)}")
+    return list(options.fields)
+
+
+def _tokenize(fmt: CTRFormat, files: list[Path], fields: list[str], options: CTROptions, tokens_dir: Path
+              ) -> tuple[list[Path], list[int], BadRows, list[str]]:
+    """Pass 1: raw chunks -> token blocks (one Parquet file per chunk)."""
+    tokens_dir.mkdir()
+    blocks: list[Path] = []
+    sizes: list[int] = []
+    bad = BadRows(skip=options.skip_bad_rows)
+    digests = []
+    for index, path in enumerate(files):
+        digest = hashlib.sha256()
+        first = True
+        for lines in iter_line_chunks(path, options.chunk_bytes, digest):
+            tokens = fmt.parse(lines, path, bad, first_chunk=first, file_day=file_day(path), file_index=index)
+            first = False
+            if tokens.height == 0:
+                continue
+            block = tokens_dir / f"tokens-{len(blocks):05d}.parquet"
+            tokens.select(*fields, "label", "day").write_parquet(block)
+            blocks.append(block)
+            sizes.append(tokens.height)
+        digests.append(digest.hexdigest())
+    if not sizes:
+        where = files[0] if len(files) == 1 else f"{files[0].parent} ({len(files)} files)"
+        raise DataFormatError(where, "no data rows" + (f" ({bad.count} malformed rows skipped)" if bad.count else ""))
+    return blocks, sizes, bad, digests
+
+
+def _assign_splits(fmt: CTRFormat, blocks: list[Path], n: int, options: CTROptions, what: str
+                   ) -> tuple[np.ndarray, dict[str, Any], tuple[int, int] | None]:
+    days = pl.concat([pl.read_parquet(b, columns=["day"]) for b in blocks])["day"]
+    has_days = days.null_count() < len(days)
+    span = (int(days.min()), int(days.max())) if has_days else None  # type: ignore[arg-type]
+    if options.split == "random":
+        rule = {"rule": "random", "seed": options.split_seed, "ratio": list(options.split_ratio)}
+        return random_split(n, options.split_ratio, options.split_seed), rule, span
+    if has_days:
+        if days.null_count():
+            raise UserError(f"{what}: data.split=time needs a day for every row")
+        day = days.to_numpy()
+        rule = {"rule": "time", "by": "day", "test_day": int(day.max())}
+    elif fmt.equal_days:
+        day = equal_parts(n, fmt.equal_days)
+        rule = {"rule": "time", "by": f"{fmt.equal_days} equal consecutive parts of the file"}
+    else:
+        raise UserError(f"{what}: the {fmt.name} format has no time to split by; use data.split=random")
+    out = split_by_day(day, what)
+    rule["days"] = int(np.unique(day).size)
+    return out, rule, span
+
+
+def _count_train_tokens(blocks: list[Path], sizes: list[int], split: np.ndarray, fields: list[str]
+                        ) -> dict[str, pl.DataFrame]:
+    """Pass 2: per field, how often each token occurs in the training rows (nulls = missing not counted)."""
+    partial: dict[str, list[pl.DataFrame]] = {f: [] for f in fields}
+    offset = 0
+    for i, (block, size) in enumerate(zip(blocks, sizes)):
+        train = pl.read_parquet(block, columns=fields).filter(pl.Series(split[offset:offset + size] == TRAIN))
+        offset += size
+        counted = pl.collect_all([train.lazy().group_by(f).len().drop_nulls(f) for f in fields])
+        for f, frame in zip(fields, counted):
+            partial[f].append(frame)
+        if (i + 1) % 8 == 0:  # keep the running counts compact
+            for f in fields:
+                partial[f] = [pl.concat(partial[f]).group_by(f).agg(pl.col("len").sum())]
+    return {f: pl.concat(parts).group_by(f).agg(pl.col("len").sum()) for f, parts in partial.items()}
+
+
+def build_ctr(fmt: CTRFormat, files: list[Path], out: Path) -> CTRBuild:
+    """Read ``files`` (one dataset, in order) and write the encoded blocks and vocabularies into ``out``."""
+    options = fmt.options
+    fields = _select_fields(fmt, options)
+    if options.user_field is not None and options.user_field not in fields:
+        raise UserError(f"data.user_field {options.user_field!r} is not one of the fields: {', '.join(fields)}")
+    what = str(files[0]) if len(files) == 1 else f"{files[0].parent}/{{{','.join(p.name for p in files)}}}"
+    tokens_dir = out / "_tokens"
+    blocks, sizes, bad, digests = _tokenize(fmt, files, fields, options, tokens_dir)
+    n = sum(sizes)
+    split, rule, span = _assign_splits(fmt, blocks, n, options, what)
+
+    counts = _count_train_tokens(blocks, sizes, split, fields)
+    n_train = int((split == TRAIN).sum())
+    vocab_dir = out / "vocab"
+    vocab_dir.mkdir()
+    vocabs: dict[str, pl.DataFrame] = {}
+    for f in fields:
+        kept = counts[f].filter(pl.col("len") >= options.min_count).sort(f)
+        kept = kept.with_columns((pl.int_range(pl.len(), dtype=pl.Int32) + FIRST_CODE).alias("code"))
+        vocabs[f] = kept
+        labels = [fmt.token_label(f, t) for t in kept[f].to_list()]
+        pl.DataFrame({
+            "code": [OOV, MISSING] + kept["code"].to_list(),
+            "token": ["<OOV>", "<missing>"] + [str(t) for t in kept[f].to_list()],
+            "meaning": ["out of vocabulary", "empty raw value"] + labels,
+            "count": [int(counts[f].filter(pl.col("len") < options.min_count)["len"].sum()),
+                      n_train - int(counts[f]["len"].sum())] + kept["len"].to_list(),
+        }, schema={"code": pl.Int32, "token": pl.String, "meaning": pl.String, "count": pl.Int64}
+        ).write_parquet(vocab_dir / f"{f}.parquet")
+    del counts
+
+    per_split = np.zeros(3, dtype=np.int64)
+    positives = np.zeros(3, dtype=np.int64)
+    offset = 0
+    for i, (block, size) in enumerate(zip(blocks, sizes)):
+        frame = pl.read_parquet(block)
+        labels = split[offset:offset + size]
+        offset += size
+        encoded = frame.select(
+            *[
+                pl.when(pl.col(f).is_null()).then(pl.lit(MISSING, pl.Int32))
+                .otherwise(pl.col(f).replace_strict(vocabs[f][f], vocabs[f]["code"], default=OOV, return_dtype=pl.Int32))
+                .alias(f)
+                for f in fields
+            ],
+            pl.col("label").cast(pl.Int8),
+            pl.Series("split", labels, dtype=pl.Int8),
+        )
+        encoded.write_parquet(out / f"part-{i:05d}.parquet")
+        per_split += np.bincount(labels, minlength=3)
+        positives += np.bincount(labels, weights=frame["label"].to_numpy(), minlength=3).astype(np.int64)
+    shutil.rmtree(tokens_dir)
+    return CTRBuild(
+        fields=[(f, FIRST_CODE + vocabs[f].height) for f in fields],
+        n_rows=n,
+        splits={name: int(c) for name, c in zip(SPLITS, per_split)},
+        positives={name: int(c) for name, c in zip(SPLITS, positives)},
+        skipped_rows=bad.count,
+        first_skipped=bad.first,
+        sha256=digests,
+        day_span=span,
+        split_rule=rule,
+        vocab_kept={f: vocabs[f].height for f in fields},
+    )
+
+
+def block_paths(directory: Path) -> list[Path]:
+    """The encoded blocks of a prepared CTR cache, in file order."""
+    return sorted(directory.glob("part-*.parquet"))

@@ -1,0 +1,240 @@
+"""CTR backbones, registered by name for ``model=``: LR, FM, DNN, Wide&Deep, DeepFM, IPNN.
+
+The AutoLoss paper's deep recommender network (§2.2) with its settings (§3.3) as defaults
+(``conf/model/*.yaml``): field embeddings of size 16 (Eq. 1–2); an interaction layer, FM (Eq. 3–4) for
+DeepFM, inner products for IPNN; an MLP of two layers of 128 with batch-norm, dropout 0.2 and ReLU (Eq. 5);
+an output layer (Eq. 6) with one logit (sigmoid, logloss) for binary tasks or one per class (softmax,
+cross-entropy) for the 5-class task.
+
+| model | logits |
+| --- | --- |
+| ``lr`` | <w, x> + b |
+| ``fm`` | <w, x> + b + sum_{i<j} <e_i, e_j> |
+| ``dnn`` | W_o MLP([e_1 .. e_m]) + b_o |
+| ``wide_deep`` | <w, x> + b + W_o MLP([e_1 .. e_m]) + b_o |
+| ``deepfm`` | <w, x> + b + sum_{i<j} <e_i, e_j> + W_o MLP([e_1 .. e_m]) + b_o  (h_out = l_fm + MLP(E)) |
+| ``ipnn`` | W_o MLP([e_1 .. e_m, <e_1,e_2>, .., <e_m-1,e_m>]) + b_o  (h_out = MLP(l_fm, E)) |
+
+Choices the paper leaves open (config values): embeddings start N(0, 1e-4^2) (FuxiCTR's default), first-order
+weights at 0; the MLP layer order is Linear -> BatchNorm -> ReLU -> Dropout (pytorch-fm, the library AutoLoss
+was built on); for the 5-class task the first-order term has one weight per class and the FM vector
+sum_{i<j} e_i ⊙ e_j is mapped to the classes by a learned ``d x 5`` matrix (a binary FM sums it).
+
+Hooks for the search methods of the next issue: the embedding layer is a constructor argument (any module
+mapping ``x [B, F]`` to ``[B, F, d]`` with a ``dim`` attribute, e.g. mixed dimensions unified to d), and FM /
+DeepFM take a pair gate (``set_pair_gate``: a module mapping the ``[B, F(F-1)/2]`` inner products to gated
+ones, AutoFIS).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from autorecbench.data.schema import FieldSpec, TaskSpec
+from autorecbench.errors import UserError
+from autorecbench.models import register_model
+from autorecbench.models.layers import ACTIVATIONS, MLP, FieldEmbedding, FirstOrder, fm_vector, inner_products
+
+# Keys of a ``model`` config that are not architecture (read by the methods, e.g. FIXED's optimiser).
+NON_ARCHITECTURE_KEYS = ("name", "embedding_optimizer")
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    embedding_dim: int = 16
+    hidden: tuple[int, ...] = (128, 128)
+    batch_norm: bool = True
+    dropout: float = 0.2
+    activation: str = "relu"
+    embedding_init_std: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if self.embedding_dim < 1:
+            raise UserError(f"model.embedding_dim must be >= 1, got {self.embedding_dim}")
+        if any(h < 1 for h in self.hidden):
+            raise UserError(f"model.hidden sizes must be >= 1, got {list(self.hidden)}")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.activation not in ACTIVATIONS:
+            raise UserError(f"model.activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+        if self.embedding_init_std < 0:
+            raise UserError("model.embedding_init_std must be >= 0")
+
+    @staticmethod
+    def from_cfg(cfg: DictConfig | dict[str, Any]) -> BackboneConfig:
+        raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+        assert isinstance(raw, dict)
+        known = {f.name for f in fields(BackboneConfig)}
+        unknown = sorted(k for k in raw if k not in known and k not in NON_ARCHITECTURE_KEYS)
+        if unknown:
+            raise UserError(f"unknown model option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        values = {k: v for k, v in raw.items() if k in known}
+        if "hidden" in values:
+            values["hidden"] = tuple(int(h) for h in values["hidden"])
+        return BackboneConfig(**values)
+
+
+class CTRBackbone(nn.Module):
+    """Base of the backbones: ``forward(x [B, F] int32) -> logits [B, n_outputs]``.
+
+    ``embedding`` is the embedding layer (default: one ``embedding_dim`` table per field); ``sparse`` asks the
+    default tables and the first-order weights for sparse gradients (a lazy optimiser).
+    """
+
+    protocols: ClassVar[tuple[str, ...]] = ("offline",)
+    uses_embedding: ClassVar[bool] = True
+
+    def __init__(self, fields: Sequence[FieldSpec], n_outputs: int, cfg: BackboneConfig,
+                 embedding: nn.Module | None = None, sparse: bool = False) -> None:
+        super().__init__()
+        self.field_specs = list(fields)
+        self.n_fields = len(self.field_specs)
+        self.n_outputs = n_outputs
+        self.cfg = cfg
+        self.sparse = sparse
+        self.embedding: nn.Module | None = None
+        if self.uses_embedding:
+            self.embedding = embedding if embedding is not None else FieldEmbedding(
+                self.cardinalities, cfg.embedding_dim, cfg.embedding_init_std, sparse)
+
+    @property
+    def cardinalities(self) -> list[int]:
+        return [f.cardinality for f in self.field_specs]
+
+    @property
+    def dim(self) -> int:
+        return int(self.embedding.dim) if self.embedding is not None else 0  # type: ignore[union-attr]
+
+    @staticmethod
+    def check_config(cfg: DictConfig) -> None:
+        BackboneConfig.from_cfg(cfg)
+
+    def first_order(self) -> FirstOrder:
+        return FirstOrder(self.cardinalities, self.n_outputs, self.sparse)
+
+    def deep(self, in_dim: int) -> tuple[MLP, nn.Linear]:
+        mlp = MLP(in_dim, self.cfg.hidden, self.cfg.batch_norm, self.cfg.dropout, self.cfg.activation)
+        return mlp, nn.Linear(mlp.out_dim, self.n_outputs)
+
+
+class FMTerm(nn.Module):
+    """sum_{i<j} <e_i, e_j> (one logit) or, for several outputs, a learned map of sum_{i<j} e_i ⊙ e_j.
+
+    ``gate``: optional module applied to the per-pair inner products before they are summed (AutoFIS); with it
+    the pairs are computed explicitly (O(F^2 d)) instead of with the O(F d) identity.
+    """
+
+    def __init__(self, dim: int, n_outputs: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, n_outputs, bias=False) if n_outputs > 1 else None
+        self.gate: nn.Module | None = None
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:
+        if self.gate is not None:
+            if self.proj is not None:
+                raise RuntimeError("a pair gate needs a single-logit (binary) FM")
+            return self.gate(inner_products(e)).sum(dim=1, keepdim=True)
+        vector = fm_vector(e)
+        return vector.sum(dim=1, keepdim=True) if self.proj is None else self.proj(vector)
+
+
+@register_model("lr")
+class LR(CTRBackbone):
+    uses_embedding = False
+
+    def __init__(self, fields: Sequence[FieldSpec], n_outputs: int, cfg: BackboneConfig,
+                 embedding: nn.Module | None = None, sparse: bool = False) -> None:
+        super().__init__(fields, n_outputs, cfg, None, sparse)
+        self.linear = self.first_order()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+@register_model("fm")
+class FM(CTRBackbone):
+    def __init__(self, fields: Sequence[FieldSpec], n_outputs: int, cfg: BackboneConfig,
+                 embedding: nn.Module | None = None, sparse: bool = False) -> None:
+        super().__init__(fields, n_outputs, cfg, embedding, sparse)
+        self.linear = self.first_order()
+        self.fm = FMTerm(self.dim, n_outputs)
+
+    def set_pair_gate(self, gate: nn.Module | None) -> None:
+        """Gate the pairwise inner products (AutoFIS): ``gate`` maps ``[B, F(F-1)/2] -> [B, F(F-1)/2]``."""
+        self.fm.gate = gate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) + self.fm(self.embedding(x))  # type: ignore[misc]
+
+
+@register_model("dnn")
+class DNN(CTRBackbone):
+    def __init__(self, fields: Sequence[FieldSpec], n_outputs: int, cfg: BackboneConfig,
+                 embedding: nn.Module | None = None, sparse: bool = False) -> None:
+        super().__init__(fields, n_outputs, cfg, embedding, sparse)
+        self.mlp, self.head = self.deep(self.n_fields * self.dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.mlp(self.embedding(x).flatten(1)))  # type: ignore[misc]
+
+
+@register_model("wide_deep")
+class WideDeep(CTRBackbone):
+    def __init__(self, fields: Sequence[FieldSpec], n_outputs: int, cfg: BackboneConfig,
+                 embedding: nn.Module | None = None, sparse: bool = False) -> None:
+        super().__init__(fields, n_outputs, cfg, embedding, sparse)
+        self.linear = self.first_order()
+        self.mlp, self.head = self.deep(self.n_fields * self.dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) + self.head(self.mlp(self.embedding(x).flatten(1)))  # type: ignore[misc]
+
+
+@register_model("deepfm")
+class DeepFM(FM):
+    def __init__(self, fields: Sequence[FieldSpec], n_outputs: int, cfg: BackboneConfig,
+                 embedding: nn.Module | None = None, sparse: bool = False) -> None:
+        super().__init__(fields, n_outputs, cfg, embedding, sparse)
+        self.mlp, self.head = self.deep(self.n_fields * self.dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = self.embedding(x)  # type: ignore[misc]
+        return self.linear(x) + self.fm(e) + self.head(self.mlp(e.flatten(1)))
+
+
+@register_model("ipnn")
+class IPNN(CTRBackbone):
+    def __init__(self, fields: Sequence[FieldSpec], n_outputs: int, cfg: BackboneConfig,
+                 embedding: nn.Module | None = None, sparse: bool = False) -> None:
+        super().__init__(fields, n_outputs, cfg, embedding, sparse)
+        n_pairs = self.n_fields * (self.n_fields - 1) // 2
+        self.mlp, self.head = self.deep(self.n_fields * self.dim + n_pairs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = self.embedding(x)  # type: ignore[misc]
+        return self.head(self.mlp(torch.cat([e.flatten(1), inner_products(e)], dim=1)))
+
+
+def build_backbone(name: str, fields: Sequence[FieldSpec], task: TaskSpec, model_cfg: DictConfig, *,
+                   embedding: nn.Module | None = None, sparse: bool = False) -> CTRBackbone:
+    """The registered backbone ``name`` for ``fields`` and ``task`` with the ``model`` group's settings."""
+    from autorecbench.models import model_class
+
+    cls = model_class(name)
+    if not issubclass(cls, CTRBackbone):
+        raise UserError(f"model {name!r} is not a CTR backbone (choose one of lr, fm, dnn, wide_deep, deepfm, ipnn)")
+    return cls(fields, task.n_outputs, BackboneConfig.from_cfg(model_cfg), embedding, sparse)
+
+
+def logloss(task: TaskSpec, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood: logloss of the sigmoid (binary) or cross-entropy of the softmax."""
+    if task.is_binary:
+        return F.binary_cross_entropy_with_logits(logits[:, 0], label)
+    return F.cross_entropy(logits, label)
