@@ -183,3 +183,19 @@ def test_predict_changes_nothing_and_matches_the_prediction_after_enlargement(pr
     method.select_sizes(batch)  # Algorithm 1 lines 8-9 as the official code runs them before predicting
     with torch.no_grad():
         assert torch.allclose(method.predict(batch), first, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["esapn", "darts", "autoemb"])
+def test_same_seed_same_numbers(prepared, name: str) -> None:
+    """Same seed, same device: identical predictions and search state; another seed differs."""
+
+    def run(seed: int):
+        method = make(prepared, name, seed=seed, validation="history")
+        stream, history = warm(method, prepared, 6)
+        with torch.no_grad():
+            pred = method.predict(stream.rows(slice(1500, 1750), 6))
+        return pred, method.reports()
+
+    a, b, c = run(0), run(0), run(1)
+    assert torch.equal(a[0], b[0]) and a[1] == b[1]
+    assert not torch.equal(a[0], c[0])
