@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 SHARED_ML_LATEST_SMALL ?= ../shared/data/ml-latest-small
 
-.PHONY: setup test test-slow test-gpu bench clean-results help
+.PHONY: setup test test-slow test-gpu bench clean-results help reproduce-table1
 
 help:
 	@echo "make setup      create $(VENV), install torch $(TORCH_VERSION) (CPU build, unless a torch is already there),"
@@ -13,6 +13,8 @@ help:
 	@echo "make test       the test suite without slow tests (CPU, < 10 minutes on 2 cores)"
 	@echo "make test-slow  the slow tests too"
 	@echo "make bench      streaming throughput and peak memory on a synthetic stream"
+	@echo "make reproduce-table1 [DATA=ml-latest-small|ml-100k] [SEEDS=0,1,2] [JOBS=2]"
+	@echo "                the ESAPN paper's Table 1 grid (ml-20m and ml-latest by default), printed beside the paper"
 
 setup: $(VENV)/.installed data/raw/ml-100k/ml-100k.inter data/raw/ml-latest-small/ratings.csv
 
@@ -43,6 +45,13 @@ test-gpu:
 
 bench:
 	$(BIN)/python -m autorecbench.bench
+
+# ESAPN paper Table 1: FIXED, DARTS, AutoEmb, ESAPN x binary, multiclass x DATA (default: ml-20m,ml-latest).
+DATA ?= ml-20m,ml-latest
+SEEDS ?= 0
+JOBS ?= 1
+reproduce-table1:
+	$(BIN)/autorecbench reproduce table1 --data $(DATA) --seeds $(SEEDS) --jobs $(JOBS)
 
 clean-results:
 	rm -rf results logs

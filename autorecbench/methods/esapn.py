@@ -203,22 +203,26 @@ class Esapn(SizeSearchMethod):
             ids, freq = self._ids(valid, field)
             lookup = self.stores[field].lookup(ids)
             policy = self.policies[field].train()
-            log_probs = torch.log_softmax(policy(freq, self._state(field, lookup.size_index)), dim=1)
-            can = lookup.size_index < top
+            # Only rows below the top size take a decision (the rest get no action, no log-probability).
+            rows = (lookup.size_index < top).nonzero().squeeze(1)
+            log_probs = torch.log_softmax(policy(freq, self._state(field, lookup.size_index), rows), dim=1)
             with torch.no_grad():
-                action = (self.uniform(len(ids)) < log_probs[:, ENLARGE].exp()) & can  # line 3: a ~ π(·|s)
+                sampled = self.uniform(len(ids))[rows] < log_probs[:, ENLARGE].exp()  # line 3: a ~ π(·|s)
+                action = torch.zeros_like(ids, dtype=torch.bool)
+                action[rows] = sampled
                 adjusted[field] = adjusted_lookup(lookup, action, self.maps[field])  # line 4 (temporary)
-            picked[field] = log_probs.gather(1, action.long()[:, None]).squeeze(1)
-            eligible[field] = can
+            picked[field] = log_probs.gather(1, sampled.long()[:, None]).squeeze(1)
+            eligible[field] = rows
         self.model.eval()  # batch statistics in ``batch`` mode; running statistics untouched in ``running`` mode
         with torch.no_grad():
             loss = self.example_losses(self._logits(adjusted), valid)  # line 5: L under the sampled sizes
         objective = torch.zeros((), device=self.ctx.device)
         for field in FIELDS:
             ids, _ = self._ids(valid, field)
-            past, have = self.queues[field].mean(ids)
-            reward = past - loss  # Eq. 2
-            keep = eligible[field] & (have > 0)
+            rows = eligible[field]
+            past, have = self.queues[field].mean(ids[rows])
+            reward = past - loss[rows]  # Eq. 2
+            keep = have > 0
             if self.short_history == "skip":
                 keep &= have >= self.window
             # REINFORCE (Eq. 6, one sample per state): ascend R ∇ log π(a|s), i.e. descend −R log π(a|s).
@@ -240,9 +244,9 @@ class Esapn(SizeSearchMethod):
             store = self.stores[field]
             store.ensure(ids)
             size_index = store.size_index(ids)
-            logits = self.policies[field].eval()(freq, self._state(field, size_index))
-            enlarge = (logits[:, ENLARGE] > logits[:, UNCHANGE]) & (size_index < top)
-            chosen = torch.unique(ids[enlarge])
+            rows = (size_index < top).nonzero().squeeze(1)
+            logits = self.policies[field].eval()(freq, self._state(field, size_index), rows)
+            chosen = torch.unique(ids[rows][logits[:, ENLARGE] > logits[:, UNCHANGE]])
             if chosen.numel():
                 self.enlarge(field, chosen)
 

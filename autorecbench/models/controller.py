@@ -63,5 +63,10 @@ class StateMLP(nn.Module):
             nn.Linear(hidden, outputs),
         )
 
-    def forward(self, freq: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
-        return self.mlp(torch.cat([self.encoder(freq), extra], dim=1))
+    def forward(self, freq: torch.Tensor, extra: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for every row, or only for ``rows`` (an index). Batch-norm statistics always come from every
+        row, so the logits of ``rows`` are exactly those of the full batch; the rest of the network (tanh,
+        output layer) runs on ``rows`` only — ESAPN needs no decision for entities already at the top size."""
+        linear, norm, act, out = self.mlp
+        hidden = norm(linear(torch.cat([self.encoder(freq), extra], dim=1)))
+        return out(act(hidden if rows is None else hidden[rows]))
