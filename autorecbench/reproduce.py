@@ -177,6 +177,39 @@ def render_table1(rows: list[dict[str, Any]], console: Console, fmt: str = "tabl
     return None
 
 
+def table2_rows(paths: Sequence[str]) -> tuple[list[str], list[list[str]]]:
+    """Table 2 (memory) from ESAPN's binary runs: entities per size, total dims, FIXED, ratio — ours (from
+    each run's ``embedding_sizes`` / ``embedding_memory`` reports) beside the paper's where it has one."""
+    import polars as pl
+
+    from autorecbench.results import discover, read_record
+
+    paper = paper_values()
+    sizes = paper["table2"]["sizes"]
+    header = ["run", "entity", *[str(d) for d in sizes], "total dims", "FIXED", "ratio %", "allocated MiB", "FIXED MiB"]
+    lines = []
+    for record in map(read_record, discover(paths)):
+        info = record.info or {}
+        if not record.complete or info.get("method") != "esapn" or info.get("task") != "binary":
+            continue
+        if not (record.path / "embedding_memory.parquet").is_file():
+            continue
+        by_size = pl.read_parquet(record.path / "embedding_sizes.parquet")
+        memory = pl.read_parquet(record.path / "embedding_memory.parquet")
+        dataset = str(info["dataset"])
+        for entity in ("user", "item"):
+            mine = {int(r["size"]): int(r["entities"]) for r in by_size.filter(pl.col("entity") == entity).iter_rows(named=True)}
+            row = memory.filter(pl.col("entity") == entity).row(0, named=True)
+            lines.append([f"{dataset} s{info['seed']}", entity, *[f"{mine.get(d, 0):,}" for d in sizes],
+                          f"{row['total_dims']:,}", f"{row['fixed_dims']:,}", f"{100 * row['ratio']:.2f}",
+                          f"{row['allocated_bytes'] / 2**20:.2f}", f"{row['fixed_bytes'] / 2**20:.2f}"])
+            theirs = paper["table2"].get(dataset, {}).get(entity)
+            if theirs and [int(d) for d in sizes] == sorted(mine):
+                lines.append(["  paper", entity, *[f"{c:,}" for c in theirs["counts"]], f"{theirs['total_dims']:,}",
+                              f"{theirs['fixed']:,}", f"{theirs['ratio']:.2f}", "–", "–"])
+    return header, lines
+
+
 def table1_from_results(paths: Sequence[str], console: Console, fmt: str = "table") -> str | None:
     """Aggregate runs with ``compare`` and print them in Table 1's layout."""
     from autorecbench.compare import compare
@@ -195,4 +228,18 @@ def table1_from_results(paths: Sequence[str], console: Console, fmt: str = "tabl
         (dataset, task, method), labels = next(iter(mixed.items()))
         raise UserError(f"runs of {method} on {dataset} ({task}) differ in settings ({' | '.join(sorted(labels))}): "
                         "pass the run folders of one configuration")
-    return render_table1(rows, console, fmt)
+    text = render_table1(rows, console, fmt)
+    header, lines = table2_rows(paths)
+    if lines and fmt == "markdown":
+        from tabulate import tabulate
+
+        text = (text or "") + "\n**Table 2, ESAPN (binary): entities per embedding size at the end of the stream**\n\n" + \
+            tabulate(lines, headers=header, tablefmt="github", disable_numparse=True) + "\n"
+    elif lines:
+        table = Table(title="Table 2, ESAPN (binary): entities per embedding size at the end of the stream")
+        for h in header:
+            table.add_column(h, justify="left" if h in ("run", "entity") else "right", no_wrap=True)
+        for line in lines:
+            table.add_row(*line)
+        console.print(table)
+    return text

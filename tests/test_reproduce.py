@@ -41,6 +41,7 @@ def test_smoke_grid_on_ml_latest_small_prints_table1(home: Path, ml_latest_small
         assert label in out
     assert "72.88" in out and "1.1147" in out  # ml-latest's ESAPN row from the paper
     assert "difference to FIXED" in out
+    assert "Table 2, ESAPN (binary)" in out  # entities per size, beside FIXED
     # The same table from the finished runs, without running anything; markdown too.
     shown = run_cli("reproduce", "table1", "--show", "results/table1", "--format", "markdown", home=home, check=True)
     assert "| ESAPN" in shown.stdout and "doi:10.1145/3397271.3401436" in shown.stdout

@@ -181,9 +181,6 @@ class Esapn(SizeSearchMethod):
 
     # ------------------------------------------------------------------ pieces
 
-    def _ids(self, batch: StreamBatch, field: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return (batch.user, batch.user_freq) if field == "user" else (batch.item, batch.item_freq)
-
     def _state(self, field: str, size_index: torch.Tensor) -> torch.Tensor:
         return F.one_hot(size_index, len(self.sizes)).to(torch.float32)
 

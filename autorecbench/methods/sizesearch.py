@@ -138,6 +138,11 @@ class SizeSearchMethod(StreamingMethod):
             return history.last_batch()
         return history.sample(self.validation_size or len(batch), self.generator)
 
+    @staticmethod
+    def _ids(batch: StreamBatch, field: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The field's ids and their frequencies (occurrence numbers at each row)."""
+        return (batch.user, batch.user_freq) if field == "user" else (batch.item, batch.item_freq)
+
     def example_losses(self, logits: torch.Tensor, batch: StreamBatch) -> torch.Tensor:
         return per_example_loss(self.ctx.task, logits, batch.label)
 
@@ -241,9 +246,6 @@ class SoftSelectionMethod(SizeSearchMethod):
 
     def after_training(self, batch: StreamBatch, weights: dict[str, torch.Tensor]) -> None:
         """Hook after the model step (AutoEmb keeps each entity's last weights)."""
-
-    def _ids(self, batch: StreamBatch, field: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return (batch.user, batch.user_freq) if field == "user" else (batch.item, batch.item_freq)
 
     def _logits(self, batch: StreamBatch, weights: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model([self.tables[f](self._ids(batch, f)[0], weights[f]) for f in FIELDS])
