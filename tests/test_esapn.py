@@ -199,3 +199,26 @@ def test_same_seed_same_numbers(prepared, name: str) -> None:
     a, b, c = run(0), run(0), run(1)
     assert torch.equal(a[0], b[0]) and a[1] == b[1]
     assert not torch.equal(a[0], c[0])
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("esapn", {"embedding_optimizer": "dense", "validation": "history", "validation_size": 100,
+               "frequency_encoding": "log2", "short_history": "skip", "initial_size": 4}),
+    ("darts", {"embedding_optimizer": "dense", "validation": "history"}),
+    ("autoemb", {"embedding_optimizer": "dense", "frequency_encoding": "log2", "frequency_cap": 64}),
+])
+@pytest.mark.parametrize("batch_norm", ["batch", "running"])
+def test_non_default_options_learn_and_predict(prepared, name: str, overrides: dict, batch_norm: str) -> None:
+    cfg_overrides = [f"method={name}", *[f"method.{k}={v}" for k, v in overrides.items()],
+                     f"model.batch_norm={batch_norm}", "model.loss_reduction=sum"]
+    cfg = compose(cfg_overrides)
+    task = TaskSpec.from_name("multiclass")
+    method = method_class(name)(MethodContext(prepared.schema, task, cfg.method, cfg.model, CPU, 0))
+    stream, history = warm(method, prepared, 6, task="multiclass")
+    with torch.no_grad():
+        probs = method.predict(stream.rows(slice(1500, 1750), 6))
+    assert probs.shape == (250, 5) and torch.allclose(probs.sum(1), torch.ones(250), atol=1e-5)
+    reports = method.reports()
+    assert sum(r["n"] for r in reports["size_by_frequency"] if r["entity"] == "user" and r["size"] == 2) == 1500
+    if name == "esapn":
+        assert all(r["entities"] == 0 for r in reports["embedding_sizes"] if r["size"] == 2)  # start at 4
