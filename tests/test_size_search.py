@@ -85,8 +85,8 @@ def test_four_methods_on_real_ml_latest_small_both_tasks(home: Path, ml_latest_s
     """All four complete on the real, time-ordered ml-latest-small (first 20,000 rows here; the whole
     stream in the slow test below) and compare lines them up."""
     run_cli("run", "-m", f"method={','.join(METHODS)}", "task=binary,multiclass", "data=ml-latest-small",
-            f"data.path={ml_latest_small_dir}", "runner.max_rows=20000", "-q", home=home, check=True, timeout=900)
-    _check_run_folders(home, 20000, 610, 9724)
+            f"data.path={ml_latest_small_dir}", "runner.max_rows=10000", "-q", home=home, check=True, timeout=900)
+    _check_run_folders(home, 10000, 610, 9724)
     out = run_cli("compare", "results", "--format", "json", home=home, check=True).stdout
     groups = json.loads(out)["groups"]
     assert {(g["method"], g["task"]) for g in groups} == {(m, t) for m in METHODS for t in ("binary", "multiclass")}
