@@ -82,7 +82,7 @@ def _check_run_folders(home: Path, n_rows: int, n_users: int, n_items: int) -> N
 
 
 def test_four_methods_on_real_ml_latest_small_both_tasks(home: Path, ml_latest_small_dir: Path) -> None:
-    """All four complete on the real, time-ordered ml-latest-small (first 20,000 rows here; the whole
+    """All four complete on the real, time-ordered ml-latest-small (first 10,000 rows here; the whole
     stream in the slow test below) and compare lines them up."""
     run_cli("run", "-m", f"method={','.join(METHODS)}", "task=binary,multiclass", "data=ml-latest-small",
             f"data.path={ml_latest_small_dir}", "runner.max_rows=10000", "-q", home=home, check=True, timeout=900)
