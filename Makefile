@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 SHARED_ML_LATEST_SMALL ?= ../shared/data/ml-latest-small
 
-.PHONY: setup test test-slow test-gpu bench clean-results help
+.PHONY: setup test test-slow test-gpu bench clean-results help reproduce-table1
 
 help:
 	@echo "make setup      create $(VENV), install torch $(TORCH_VERSION) (CPU build, unless a torch is already there),"
@@ -14,6 +14,8 @@ help:
 	@echo "make test-slow  the slow tests too"
 	@echo "make bench      streaming throughput and peak memory on a synthetic stream; CTR preprocessing"
 	@echo "                (5M Criteo-format rows: rows/s, peak RSS) and DeepFM training samples/s"
+	@echo "make reproduce-table1 [DATA=ml-latest-small|ml-100k] [SEEDS=0,1,2] [JOBS=2]"
+	@echo "                the ESAPN paper's Table 1 grid (ml-20m and ml-latest by default), printed beside the paper"
 
 setup: $(VENV)/.installed data/raw/ml-100k/ml-100k.inter data/raw/ml-latest-small/ratings.csv
 
@@ -45,6 +47,13 @@ test-gpu:
 bench:
 	$(BIN)/python -m autorecbench.bench
 	$(BIN)/python -m autorecbench.bench_ctr
+
+# ESAPN paper Table 1: FIXED, DARTS, AutoEmb, ESAPN x binary, multiclass x DATA (default: ml-20m,ml-latest).
+DATA ?= ml-20m,ml-latest
+SEEDS ?= 0
+JOBS ?= 1
+reproduce-table1:
+	$(BIN)/autorecbench reproduce table1 --data $(DATA) --seeds $(SEEDS) --jobs $(JOBS)
 
 clean-results:
 	rm -rf results logs

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--users", type=int, default=ML20M_USERS)
     parser.add_argument("--items", type=int, default=ML20M_ITEMS)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--methods", default="fixed")
+    parser.add_argument("--methods", default="fixed,esapn,darts,autoemb")
     parser.add_argument("--optimizers", default="lazy,dense")
     parser.add_argument("--dense-rows", type=int, default=200_000,
                         help="rows for dense-Adam configurations, which touch every table row at every step")

@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from autorecbench import __version__
+from autorecbench.cli_reproduce import reproduce_app
 from autorecbench.console import err_console, out_console, print_error, setup_logging
 from autorecbench.errors import UserError
 
@@ -28,6 +29,7 @@ app = typer.Typer(
 data_app = typer.Typer(help="Datasets: where their raw files go, preparing the cache, inspecting it.",
                        no_args_is_help=True, rich_markup_mode="markdown")
 app.add_typer(data_app, name="data")
+app.add_typer(reproduce_app, name="reproduce")
 
 
 def _version(value: bool) -> None:

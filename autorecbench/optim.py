@@ -45,7 +45,9 @@ class SplitAdam:
         mode: str,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
+        foreach: bool | None = None,
     ) -> None:
+        # ``foreach``: torch's multi-tensor Adam for the dense parameters (same update, fewer kernel launches).
         embeddings, dense = list(embeddings), list(dense)
         self.mode = check_mode(mode)
         self.optimizers: list[torch.optim.Optimizer] = []
@@ -53,9 +55,9 @@ class SplitAdam:
             if embeddings:
                 self.optimizers.append(torch.optim.SparseAdam(embeddings, lr=lr, betas=betas, eps=eps))
             if dense:
-                self.optimizers.append(torch.optim.Adam(dense, lr=lr, betas=betas, eps=eps))
+                self.optimizers.append(torch.optim.Adam(dense, lr=lr, betas=betas, eps=eps, foreach=foreach))
         else:
-            self.optimizers.append(torch.optim.Adam(embeddings + dense, lr=lr, betas=betas, eps=eps))
+            self.optimizers.append(torch.optim.Adam(embeddings + dense, lr=lr, betas=betas, eps=eps, foreach=foreach))
         self._embedding_ids = {id(p) for p in embeddings}
 
     def zero_grad(self) -> None:

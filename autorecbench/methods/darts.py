@@ -1,0 +1,62 @@
+"""DARTS for embedding sizes, the ESAPN paper's baseline (Liu et al., SIGIR 2020, §3.3; Liu et al., ICLR 2019).
+
+Every user and every item holds one embedding per candidate size (one ``n x 222`` table per field for
+{2, 4, 8, 16, 64, 128}) and its own architecture weights α (one logit per size, initialised equal, as the
+official baseline). Each size's embedding is mapped to the largest size by its own linear map (survey
+Eq. 19), batch-normalised and squashed by tanh; the unified embedding is the softmax(α)-weighted sum (Eq. 20)
+and enters the ESAPN rating model.
+
+Search (first-order DARTS, :meth:`SoftSelectionMethod.learn`): each batch, α of the entities in a validation
+batch from history takes one Adam step (``search_lr`` 1e-4, the official baseline's rate) on the validation
+loss, the model weights fixed; then the model weights take one Adam step (``lr`` 1e-3) on the current batch,
+α fixed.
+
+Choices the paper leaves open, as config values (``conf/method/darts.yaml``):
+- ``embedding_optimizer: lazy``: the embedding table and α update only the rows their batch touches
+  (SparseAdam); ``dense``: plain Adam over every row (the official code; α of entities not in the validation
+  batch then keep drifting on their decaying momentum).
+- ``validation: last_batch`` or ``history``; ``init_std: 1.0`` (N(0, 1) embeddings).
+- Per-size batch-norm + tanh before the weighted sum (survey Eq. 19-20: "magnitude-comparable"); the rating
+  model then normalises the unified embedding again, as it does for every method.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from autorecbench.data.stream import StreamBatch
+from autorecbench.methods.base import MethodContext, register_method
+from autorecbench.methods.sizesearch import FIELDS, SoftSelectionMethod
+from autorecbench.optim import SplitAdam, tensor_bytes
+
+
+@register_method
+class Darts(SoftSelectionMethod):
+    name = "darts"
+    description = "Soft embedding-size selection with per-entity architecture weights (first-order DARTS)"
+    paper = "Liu et al., SIGIR 2020, §3.3 (DARTS baseline)"
+
+    def __init__(self, ctx: MethodContext) -> None:
+        super().__init__(ctx)
+        mode = str(ctx.cfg.embedding_optimizer)
+        self.alpha = nn.ModuleDict({
+            f: nn.Embedding(self.n_entities[f], len(self.sizes), sparse=mode == "lazy") for f in FIELDS
+        })
+        for table in self.alpha.values():
+            nn.init.zeros_(table.weight)  # softmax(0) = uniform over the sizes
+        self.alpha.to(ctx.device)
+        self.search_optimizer = SplitAdam([t.weight for t in self.alpha.values()], [], float(ctx.cfg.search_lr), mode,
+                                           foreach=True)
+
+    def weights(self, field: str, batch: StreamBatch, train: bool = False) -> torch.Tensor:
+        return torch.softmax(self.alpha[field](self._ids(batch, field)[0]), dim=1)
+
+    def search_parameters(self) -> list[nn.Parameter]:
+        return [t.weight for t in self.alpha.values()]
+
+    def search_step_optimizer(self) -> SplitAdam:
+        return self.search_optimizer
+
+    def state_bytes(self, field: str) -> int:
+        return tensor_bytes(self.alpha[field].weight)

@@ -1,0 +1,314 @@
+"""What DARTS, AutoEmb and ESAPN share: candidate sizes, the rating model, validation batches, reports.
+
+Common to the three (ESAPN paper §2.2, §3.2-3.3; config values in ``conf/method/{darts,autoemb,esapn}.yaml``):
+- candidate sizes ``sizes`` (paper: {2, 4, 8, 16, 64, 128}), separate parameters for users and items;
+- the unified ``d_n``-dim user and item embeddings go through the ESAPN rating model of the foundation
+  (``models/rating.py``: batch-norm + tanh per field, MLP, sigmoid/MSE or softmax/CE, Adam ``lr`` 1e-3);
+- one search step per batch on a validation batch from the stream's history (Algorithm 1 lines 2-6, and
+  first-order DARTS for the soft methods), then one model step on the current batch (lines 7-10).
+  ``validation=last_batch`` uses the batch just before the current one (the official code's default);
+  ``validation=history`` draws ``validation_size`` rows (default: the current batch's size) uniformly with
+  replacement from every earlier row, with the method's own seeded generator. Nothing is searched before the
+  first batch has been trained on, as in the official code.
+
+Reports written into the run folder (see README, "Results"):
+- ``embedding_sizes``: the paper's Table 2 per size — entities holding that size, their dims, the bytes
+  allocated for that size's storage (measured from the tensors) and the bytes in use;
+- ``embedding_memory``: Table 2's right part per field — total dims, the FIXED equivalent (#entities x
+  d_n), their ratio, and the allocated bytes (tables + per-entity state) against FIXED's;
+- ``size_by_frequency``: Figure 5's data — for each power-of-two frequency bucket of the rows trained on
+  (whole stream), the share of each size (ESAPN: fraction of rows that used it; DARTS/AutoEmb: mean soft
+  weight) and the mean size (Σ share x size).
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from autorecbench.data.stream import StreamBatch, StreamHistory
+from autorecbench.errors import UserError
+from autorecbench.methods.base import MemoryReport, MethodContext, StreamingMethod
+from autorecbench.metrics import bucket_bounds, bucket_label, frequency_bucket
+from autorecbench.models.controller import FREQUENCY_ENCODINGS
+from autorecbench.models.embedding import SoftSizeTables
+from autorecbench.models.rating import RatingMLP, output_probabilities, per_example_loss, reduce_loss
+from autorecbench.optim import SplitAdam, check_mode, tensor_bytes
+
+FIELDS = ("user", "item")
+VALIDATIONS = ("last_batch", "history")
+MAX_BUCKETS = 64  # power-of-two buckets of an int64 frequency
+
+
+def within_batch_rank(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row: its 0-based rank among the batch's rows with the same id (in row order), and how many
+    rows that id has in the batch. One stable sort, no loops."""
+    order = torch.sort(ids, stable=True).indices
+    _, inverse, counts = torch.unique_consecutive(ids[order], return_inverse=True, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    rank, count = torch.empty_like(ids), torch.empty_like(ids)
+    rank[order] = torch.arange(ids.numel(), device=ids.device) - starts[inverse]
+    count[order] = counts[inverse]
+    return rank, count
+
+
+def last_rows(ids: torch.Tensor) -> torch.Tensor:
+    """Mask of each id's last row in the batch (so one write per entity wins, deterministically)."""
+    rank, count = within_batch_rank(ids)
+    return rank == count - 1
+
+
+class SizeByFrequency:
+    """Figure 5 accumulator: per frequency bucket, rows seen and the summed weight each size got."""
+
+    def __init__(self, n_sizes: int, device: torch.device) -> None:
+        self.weight = torch.zeros(MAX_BUCKETS, n_sizes, dtype=torch.float64, device=device)
+        self.rows = torch.zeros(MAX_BUCKETS, dtype=torch.int64, device=device)
+
+    def add(self, freq: torch.Tensor, weights: torch.Tensor) -> None:
+        bucket = frequency_bucket(freq)
+        self.weight.index_add_(0, bucket, weights.detach().to(torch.float64))
+        self.rows.index_add_(0, bucket, torch.ones_like(bucket))
+
+    def table(self, entity: str, sizes: tuple[int, ...]) -> list[dict[str, Any]]:
+        out = []
+        rows, weight = self.rows.cpu(), self.weight.cpu()
+        size_vec = torch.tensor(sizes, dtype=torch.float64)
+        for bucket in rows.nonzero().squeeze(1).tolist():
+            n = int(rows[bucket])
+            share = weight[bucket] / n
+            lo, hi = bucket_bounds(bucket)
+            mean_size = float((share * size_vec).sum())
+            for d, s in zip(sizes, share.tolist()):
+                out.append({"entity": entity, "bucket": bucket, "freq_min": lo, "freq_max": hi,
+                            "label": bucket_label(bucket), "n": n, "size": d, "share": s, "mean_size": mean_size})
+        return out
+
+
+class SizeSearchMethod(StreamingMethod):
+    """Base of the three embedding-size search methods (not registered itself)."""
+
+    def __init__(self, ctx: MethodContext) -> None:
+        super().__init__(ctx)
+        cfg, model_cfg = ctx.cfg, ctx.model_cfg
+        self.sizes: tuple[int, ...] = tuple(int(d) for d in cfg.sizes)
+        self.n_entities = {"user": ctx.schema.n_users, "item": ctx.schema.n_items}
+        self.reduction = str(model_cfg.loss_reduction)
+        self.batch_norm = str(model_cfg.batch_norm)
+        self.model = RatingMLP(
+            n_fields=2, dim=self.sizes[-1], n_outputs=ctx.task.n_outputs,
+            hidden=list(model_cfg.hidden), batch_norm=self.batch_norm,
+        )
+        self.validation = str(cfg.validation)
+        self.validation_size = None if cfg.validation_size is None else int(cfg.validation_size)
+        # Validation sampling and sampled actions draw from their own CPU generator: same seed, same stream.
+        self.generator = torch.Generator().manual_seed(int(ctx.seed) + 7919)
+        self.by_frequency = {f: SizeByFrequency(len(self.sizes), ctx.device) for f in FIELDS}
+
+    @classmethod
+    def check_config(cls, cfg: DictConfig) -> None:
+        sizes = [int(d) for d in cfg.sizes]
+        if len(sizes) < 2 or sizes != sorted(set(sizes)) or sizes[0] < 1:
+            raise UserError(f"method.sizes must be >= 2 distinct increasing positive sizes, got {sizes}")
+        check_mode(str(cfg.embedding_optimizer))
+        for key in ("lr", "search_lr"):
+            if float(cfg[key]) <= 0:
+                raise UserError(f"method.{key} must be > 0, got {cfg[key]}")
+        if str(cfg.validation) not in VALIDATIONS:
+            raise UserError(f"method.validation must be one of {', '.join(VALIDATIONS)}, got {cfg.validation!r}")
+        if cfg.validation_size is not None and int(cfg.validation_size) < 2:
+            raise UserError("method.validation_size must be >= 2 (batch-norm needs two rows) or null")
+        if "frequency_encoding" in cfg:
+            if str(cfg.frequency_encoding) not in FREQUENCY_ENCODINGS:
+                raise UserError(f"method.frequency_encoding must be one of {', '.join(FREQUENCY_ENCODINGS)}, "
+                                f"got {cfg.frequency_encoding!r}")
+            for key in ("frequency_cap", "frequency_dim", "hidden"):
+                if int(cfg[key]) < 1:
+                    raise UserError(f"method.{key} must be >= 1, got {cfg[key]}")
+
+    # ------------------------------------------------------------------ helpers
+
+    def validation_batch(self, batch: StreamBatch, history: StreamHistory) -> StreamBatch | None:
+        """Algorithm 1 line 2: the validation batch from the history (None before anything was trained)."""
+        if self.validation == "last_batch":
+            return history.last_batch()
+        return history.sample(self.validation_size or len(batch), self.generator)
+
+    @staticmethod
+    def _ids(batch: StreamBatch, field: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The field's ids and their frequencies (occurrence numbers at each row)."""
+        return (batch.user, batch.user_freq) if field == "user" else (batch.item, batch.item_freq)
+
+    def example_losses(self, logits: torch.Tensor, batch: StreamBatch) -> torch.Tensor:
+        return per_example_loss(self.ctx.task, logits, batch.label)
+
+    def reduce(self, losses: torch.Tensor) -> torch.Tensor:
+        return reduce_loss(losses, self.reduction)
+
+    def uniform(self, n: int) -> torch.Tensor:
+        """``n`` uniforms from the method's generator, on the device."""
+        return torch.rand(n, generator=self.generator).to(self.ctx.device)
+
+    # ------------------------------------------------------------------ reports
+
+    @abstractmethod
+    def size_rows(self) -> list[dict[str, Any]]:
+        """Per field and size: entities holding it, their dims, allocated and used bytes."""
+
+    def memory_rows(self) -> list[dict[str, Any]]:
+        """Per field: Table 2's totals against FIXED at the largest size."""
+        rows = []
+        sizes = self.size_rows()
+        top = self.sizes[-1]
+        for field in FIELDS:
+            mine = [r for r in sizes if r["entity"] == field]
+            n = self.n_entities[field]
+            total_dims = sum(r["dims"] for r in mine)
+            table_bytes = sum(r["allocated_bytes"] for r in mine)
+            state_bytes = self.state_bytes(field)
+            rows.append({
+                "entity": field,
+                "entities": n,
+                "stored": self.stored(field),
+                "total_dims": total_dims,
+                "fixed_dims": n * top,
+                "ratio": total_dims / (n * top) if n else float("nan"),
+                "table_bytes": table_bytes,
+                "state_bytes": state_bytes,
+                "allocated_bytes": table_bytes + state_bytes,
+                "fixed_bytes": n * top * 4,
+            })
+        return rows
+
+    def stored(self, field: str) -> int:
+        return self.n_entities[field]
+
+    def state_bytes(self, field: str) -> int:
+        """Per-entity bookkeeping stored beside the embedding values (ESAPN: the size/slot index and free
+        lists; DARTS: α; AutoEmb: the previous weights)."""
+        return 0
+
+    def reports(self) -> dict[str, list[dict[str, Any]]]:
+        freq_rows = [r for f in FIELDS for r in self.by_frequency[f].table(f, self.sizes)]
+        return {"embedding_sizes": self.size_rows(), "embedding_memory": self.memory_rows(),
+                "size_by_frequency": freq_rows}
+
+    def architecture(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"sizes": list(self.sizes)}
+        for row in self.memory_rows():
+            out[row["entity"]] = {
+                "entities_per_size": {str(r["size"]): r["entities"] for r in self.size_rows()
+                                      if r["entity"] == row["entity"]},
+                "total_dims": row["total_dims"],
+                "ratio_to_fixed": row["ratio"],
+            }
+        return out
+
+
+class SoftSelectionMethod(SizeSearchMethod):
+    """DARTS and AutoEmb: every entity holds every candidate size (:class:`SoftSizeTables`, Σ d = 222 dims
+    for the paper's sizes); the unified embedding is the soft-weighted sum (survey Eq. 20). Subclasses say
+    where the weights come from (:meth:`weights`) and which parameters the search step trains.
+
+    One ``learn`` call: first-order DARTS — the search parameters take one Adam step (``search_lr``) on the
+    validation batch's loss with the model weights fixed, then the model weights (embeddings, maps, norms,
+    rating model) take one Adam step (``lr``) on the current batch with the search weights fixed.
+    """
+
+    def __init__(self, ctx: MethodContext) -> None:
+        super().__init__(ctx)
+        cfg = ctx.cfg
+        mode = str(cfg.embedding_optimizer)
+        self.tables = nn.ModuleDict({
+            f: SoftSizeTables(self.n_entities[f], self.sizes, mode, float(cfg.init_std), self.batch_norm)
+            for f in FIELDS
+        })
+        self.model.to(ctx.device)
+        self.tables.to(ctx.device)
+        embeddings = [self.tables[f].table.weight for f in FIELDS]
+        dense = [*self.model.parameters(), *(p for n, p in self.tables.named_parameters() if not n.endswith("table.weight"))]
+        self.model_optimizer = SplitAdam(embeddings, dense, float(cfg.lr), mode, foreach=True)
+
+    @abstractmethod
+    def weights(self, field: str, batch: StreamBatch, train: bool = False) -> torch.Tensor:
+        """Soft weights ``[batch, K]`` (rows sum to 1) for the field's entities in ``batch``; ``train``: the
+        search step's forward (gradients flow to the search parameters)."""
+
+    @abstractmethod
+    def search_parameters(self) -> list[torch.nn.Parameter]: ...
+
+    @abstractmethod
+    def search_step_optimizer(self) -> Any: ...
+
+    def after_training(self, batch: StreamBatch, weights: dict[str, torch.Tensor]) -> None:
+        """Hook after the model step (AutoEmb keeps each entity's last weights)."""
+
+    def _logits(self, batch: StreamBatch, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model([self.tables[f](self._ids(batch, f)[0], weights[f]) for f in FIELDS])
+
+    def _eval(self) -> None:
+        """Batch statistics in ``batch`` mode; running statistics used and left unchanged in ``running`` mode."""
+        self.model.eval()
+        self.tables.eval()
+
+    def predict(self, batch: StreamBatch) -> torch.Tensor:
+        self._eval()
+        weights = {f: self.weights(f, batch) for f in FIELDS}
+        return output_probabilities(self.ctx.task, self._logits(batch, weights))
+
+    def search_step(self, valid: StreamBatch) -> None:
+        """First-order DARTS: the validation loss's gradient w.r.t. the search parameters only."""
+        self._eval()
+        weights = {f: self.weights(f, valid, train=True) for f in FIELDS}
+        loss = self.reduce(self.example_losses(self._logits(valid, weights), valid))
+        optimizer = self.search_step_optimizer()
+        optimizer.zero_grad()
+        loss.backward(inputs=self.search_parameters())
+        optimizer.step()
+
+    def train_model(self, batch: StreamBatch) -> torch.Tensor:
+        with torch.no_grad():
+            weights = {f: self.weights(f, batch) for f in FIELDS}
+        self.model.train()
+        self.tables.train()
+        loss = self.reduce(self.example_losses(self._logits(batch, weights), batch))
+        self.model_optimizer.zero_grad()
+        loss.backward()
+        self.model_optimizer.step()
+        for f in FIELDS:
+            self.by_frequency[f].add(self._ids(batch, f)[1], weights[f])
+        self.after_training(batch, weights)
+        return loss.detach()
+
+    def learn(self, batch: StreamBatch, history: StreamHistory) -> torch.Tensor:
+        valid = self.validation_batch(batch, history)
+        if valid is not None:
+            self.search_step(valid)
+        return self.train_model(batch)
+
+    def size_rows(self) -> list[dict[str, Any]]:
+        rows = []
+        for f in FIELDS:
+            n = self.n_entities[f]
+            for d, allocated in zip(self.sizes, self.tables[f].size_bytes()):
+                rows.append({"entity": f, "size": d, "entities": n, "dims": n * d,
+                             "allocated_bytes": allocated, "used_bytes": allocated})
+        return rows
+
+    def memory(self) -> MemoryReport:
+        tables = [self.tables[f].table.weight for f in FIELDS]
+        dense = sum(p.numel() for p in self.model.parameters()) + sum(
+            p.numel() for n, p in self.tables.named_parameters() if not n.endswith("table.weight"))
+        search = sum(p.numel() for p in self.search_parameters())
+        embedding = sum(t.numel() for t in tables)
+        return MemoryReport(
+            embedding_bytes=sum(tensor_bytes(t) for t in tables) + sum(self.state_bytes(f) for f in FIELDS),
+            embedding_optimizer_bytes=self.model_optimizer.embedding_state_bytes(),
+            parameters=embedding + dense + search,
+            embedding_parameters=embedding,
+            dims={f: {str(d): self.n_entities[f] for d in self.sizes} for f in FIELDS},
+        )

@@ -1,0 +1,245 @@
+"""Reproducing the ESAPN paper's Table 1: the grid, the raw-file check, and the side-by-side printout.
+
+``autorecbench reproduce table1`` (``make reproduce-table1``) runs FIXED, DARTS, AutoEmb and ESAPN on
+ml-20m and ml-latest, binary and multiclass — 16 runs per seed through Hydra multirun with
+``experiment=table1`` — and prints Table 1's layout: for every dataset, method and task our accuracy (%) and
+loss (MSE for binary, CE for multiclass) beside the paper's, with the differences, then each method's
+difference to FIXED, ours beside the paper's. The paper's numbers live in
+``autorecbench/reference/esapn_table1.yaml`` with their source. Datasets the paper does not report
+(``--data ml-latest-small``, ``ml-100k``) are shown beside a stand-in dataset's values (named in the table):
+there the differences to FIXED are the comparable part.
+
+Before anything runs, every dataset of the grid must have its raw file; otherwise the command stops with one
+line naming, for each missing dataset, the file, the folder and the download.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from autorecbench.errors import UserError
+
+METHODS = ("fixed", "darts", "autoemb", "esapn")
+TASKS = ("binary", "multiclass")
+PAPER_DATASETS = ("ml-20m", "ml-latest")
+LOSS = {"binary": "mse", "multiclass": "ce"}
+LABELS = {"fixed": "FIXED", "darts": "DARTS", "autoemb": "AutoEmb", "esapn": "ESAPN"}
+REFERENCE = Path(__file__).resolve().parent / "reference" / "esapn_table1.yaml"
+
+
+def paper_values() -> dict[str, Any]:
+    """The paper's Table 1 and Table 2 (``reference/esapn_table1.yaml``) as plain dicts."""
+    values = OmegaConf.to_container(OmegaConf.load(REFERENCE), resolve=True)
+    assert isinstance(values, dict)
+    return values
+
+
+def grid_overrides(datasets: Sequence[str], seeds: Sequence[int], extra: Sequence[str]) -> list[str]:
+    """The Hydra multirun overrides of the Table 1 grid."""
+    return [
+        "experiment=table1",
+        f"data={','.join(datasets)}",
+        f"method={','.join(METHODS)}",
+        f"task={','.join(TASKS)}",
+        f"seed={','.join(str(s) for s in seeds)}",
+        *extra,
+    ]
+
+
+def check_raw_files(datasets: Sequence[str], extra: Sequence[str]) -> None:
+    """Stop before anything runs when a dataset's raw file is missing, naming every one of them."""
+    from autorecbench.config import compose
+    from autorecbench.data.cache import DatasetConfig, locate_source
+
+    missing = []
+    data_overrides = [o for o in extra if o.startswith(("data.", "paths."))]
+    for name in datasets:
+        cfg = DatasetConfig.from_mapping(compose([f"data={name}", *data_overrides]).data)
+        if cfg.generator is None and locate_source(cfg) is None:
+            files = " or ".join(s.file for s in cfg.sources)
+            how = cfg.download or (f"download {cfg.url}" if cfg.url else "")
+            missing.append(f"{name}: put {files} in {cfg.path}/ ({how})")
+    if missing:
+        raise UserError("Table 1 needs raw files that are missing, nothing was run. " + "; ".join(missing)
+                        + ". Then run the same command again (or point data.path=... at a folder).")
+
+
+# ------------------------------------------------------------------------------------------- the table
+
+@dataclass
+class Cell:
+    ours: float | None
+    std: float | None
+    n: int
+    paper: float | None
+
+
+def _ours(rows: list[dict[str, Any]], dataset: str, task: str, method: str, metric: str) -> tuple[float | None, float | None, int]:
+    for row in rows:
+        if (row["dataset"], row["task"], row["method"]) == (dataset, task, method):
+            mean, std = row.get(f"{metric}_mean"), row.get(f"{metric}_std")
+            scale = 100.0 if metric == "accuracy" else 1.0
+            if mean is None:
+                return None, None, int(row["n"])
+            return mean * scale, (None if std is None or math.isnan(std) else std * scale), int(row["n"])
+    return None, None, 0
+
+
+def table1_cells(rows: list[dict[str, Any]], paper: dict[str, Any]) -> dict[str, dict[tuple[str, str, str], Cell]]:
+    """Per dataset (in the results): (task, method, metric) -> our mean over seeds and the paper's value."""
+    out: dict[str, dict[tuple[str, str, str], Cell]] = {}
+    datasets = sorted({r["dataset"] for r in rows}, key=lambda d: (d not in PAPER_DATASETS, d))
+    for dataset in datasets:
+        reference = paper["table1"].get(dataset) or paper["table1"].get(paper.get("stand_in", {}).get(dataset, ""), {})
+        cells = {}
+        for task in TASKS:
+            for method in METHODS:
+                for metric in ("accuracy", LOSS[task]):
+                    ours, std, n = _ours(rows, dataset, task, method, metric)
+                    value = reference.get(task, {}).get(method, {}).get(metric) if reference else None
+                    cells[task, method, metric] = Cell(ours, std, n, value)
+        out[dataset] = cells
+    return out
+
+
+def _num(value: float | None, metric: str, sign: bool = False) -> str:
+    if value is None or math.isnan(value):
+        return "–"
+    digits = 2 if metric == "accuracy" else 4
+    return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
+
+
+def _diff(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def table1_text_rows(dataset: str, cells: dict[tuple[str, str, str], Cell]) -> tuple[list[str], list[list[str]], list[list[str]]]:
+    """Header, Table 1 rows (ours, paper, Δ per metric), and the Δ-vs-FIXED rows (ours, paper)."""
+    header = ["method"]
+    for task in TASKS:
+        for metric in ("accuracy", LOSS[task]):
+            name = f"{task} {'acc %' if metric == 'accuracy' else metric.upper()}"
+            header += [f"{name} ours", "paper", "Δ"]
+    main, relative = [], []
+    for method in METHODS:
+        line, rel = [LABELS[method]], [LABELS[method]]
+        for task in TASKS:
+            for metric in ("accuracy", LOSS[task]):
+                c = cells[task, method, metric]
+                text = _num(c.ours, metric)
+                if c.std is not None and text != "–":
+                    text += f" ± {_num(c.std, metric)}"
+                line += [text, _num(c.paper, metric), _num(_diff(c.ours, c.paper), metric, sign=True)]
+                base = cells[task, "fixed", metric]
+                rel += [_num(_diff(c.ours, base.ours), metric, sign=True), _num(_diff(c.paper, base.paper), metric, sign=True)]
+        main.append(line)
+        relative.append(rel)
+    return header, main, relative
+
+
+def render_table1(rows: list[dict[str, Any]], console: Console, fmt: str = "table") -> str | None:
+    """Table 1's layout for every dataset among ``rows`` (compare's aggregated groups)."""
+    paper = paper_values()
+    text_out = []
+    for dataset, cells in table1_cells(rows, paper).items():
+        reference = dataset if dataset in paper["table1"] else paper.get("stand_in", {}).get(dataset)
+        runs = sorted({c.n for c in cells.values() if c.n})
+        title = (f"Table 1, {dataset}: ours (mean over {'/'.join(map(str, runs)) or 0} seed(s)) vs paper "
+                 f"({reference or 'not reported'}{'' if reference in (dataset, None) else ', stand-in'})")
+        header, main, relative = table1_text_rows(dataset, cells)
+        rel_header = ["method"] + [f"{t} {'acc %' if m == 'accuracy' else m.upper()} {who}"
+                                   for t in TASKS for m in ("accuracy", LOSS[t]) for who in ("ours", "paper")]
+        if fmt == "markdown":
+            from tabulate import tabulate
+
+            text_out.append(f"**{title}**\n\n" + tabulate(main, headers=header, tablefmt="github", disable_numparse=True))
+            text_out.append("Difference to FIXED\n\n" + tabulate(relative, headers=rel_header, tablefmt="github",
+                                                                disable_numparse=True))
+            continue
+        for lines, head, name in ((main, header, title), (relative, rel_header, f"{dataset}: difference to FIXED, ours vs paper")):
+            table = Table(title=name)
+            for h in head:
+                table.add_column(h, justify="left" if h == "method" else "right", no_wrap=True)
+            for line in lines:
+                table.add_row(*line)
+            console.print(table)
+    if fmt == "markdown":
+        return "\n\n".join(text_out) + f"\n\nPaper values: {paper['source']}\n"
+    console.print(f"[dim]paper values: {paper['source']} (autorecbench/reference/esapn_table1.yaml)[/]")
+    return None
+
+
+def table2_rows(paths: Sequence[str]) -> tuple[list[str], list[list[str]]]:
+    """Table 2 (memory) from ESAPN's binary runs: entities per size, total dims, FIXED, ratio — ours (from
+    each run's ``embedding_sizes`` / ``embedding_memory`` reports) beside the paper's where it has one."""
+    import polars as pl
+
+    from autorecbench.results import discover, read_record
+
+    paper = paper_values()
+    sizes = paper["table2"]["sizes"]
+    header = ["run", "entity", *[str(d) for d in sizes], "total dims", "FIXED", "ratio %", "allocated MiB", "FIXED MiB"]
+    lines = []
+    for record in map(read_record, discover(paths)):
+        info = record.info or {}
+        if not record.complete or info.get("method") != "esapn" or info.get("task") != "binary":
+            continue
+        if not (record.path / "embedding_memory.parquet").is_file():
+            continue
+        by_size = pl.read_parquet(record.path / "embedding_sizes.parquet")
+        memory = pl.read_parquet(record.path / "embedding_memory.parquet")
+        dataset = str(info["dataset"])
+        for entity in ("user", "item"):
+            mine = {int(r["size"]): int(r["entities"]) for r in by_size.filter(pl.col("entity") == entity).iter_rows(named=True)}
+            row = memory.filter(pl.col("entity") == entity).row(0, named=True)
+            lines.append([f"{dataset} s{info['seed']}", entity, *[f"{mine.get(d, 0):,}" for d in sizes],
+                          f"{row['total_dims']:,}", f"{row['fixed_dims']:,}", f"{100 * row['ratio']:.2f}",
+                          f"{row['allocated_bytes'] / 2**20:.2f}", f"{row['fixed_bytes'] / 2**20:.2f}"])
+            theirs = paper["table2"].get(dataset, {}).get(entity)
+            if theirs and [int(d) for d in sizes] == sorted(mine):
+                lines.append(["  paper", entity, *[f"{c:,}" for c in theirs["counts"]], f"{theirs['total_dims']:,}",
+                              f"{theirs['fixed']:,}", f"{theirs['ratio']:.2f}", "–", "–"])
+    return header, lines
+
+
+def table1_from_results(paths: Sequence[str], console: Console, fmt: str = "table") -> str | None:
+    """Aggregate runs with ``compare`` and print them in Table 1's layout."""
+    from autorecbench.compare import compare
+
+    cmp = compare(paths)  # the task's metrics: accuracy, and mse / ce where those tasks ran
+    if cmp.n_runs == 0:
+        raise UserError(f"no complete runs under {', '.join(paths)}")
+    rows = [r for r in cmp.rows.to_dicts() if r["method"] in METHODS]
+    if not rows:
+        raise UserError(f"no runs of {', '.join(METHODS)} under {', '.join(paths)}")
+    variants: dict[tuple[str, str, str], set[str]] = {}
+    for r in rows:
+        variants.setdefault((r["dataset"], r["task"], r["method"]), set()).add(r["variant"])
+    mixed = {k: v for k, v in variants.items() if len(v) > 1}
+    if mixed:
+        (dataset, task, method), labels = next(iter(mixed.items()))
+        raise UserError(f"runs of {method} on {dataset} ({task}) differ in settings ({' | '.join(sorted(labels))}): "
+                        "pass the run folders of one configuration")
+    text = render_table1(rows, console, fmt)
+    header, lines = table2_rows(paths)
+    if lines and fmt == "markdown":
+        from tabulate import tabulate
+
+        text = (text or "") + "\n**Table 2, ESAPN (binary): entities per embedding size at the end of the stream**\n\n" + \
+            tabulate(lines, headers=header, tablefmt="github", disable_numparse=True) + "\n"
+    elif lines:
+        table = Table(title="Table 2, ESAPN (binary): entities per embedding size at the end of the stream")
+        for h in header:
+            table.add_column(h, justify="left" if h in ("run", "entity") else "right", no_wrap=True)
+        for line in lines:
+            table.add_row(*line)
+        console.print(table)
+    return text

@@ -1,0 +1,161 @@
+"""The mixed-dimension embedding store: slots on demand, freeing and reuse, growth, initial values, Adam."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from autorecbench.models.embedding import MixedDimEmbedding, hashed_normal
+from autorecbench.optim import tensor_bytes
+
+CPU = torch.device("cpu")
+SIZES = (2, 4, 8)
+
+
+def store(n: int = 20, **kw) -> MixedDimEmbedding:
+    options = {"init_std": 1.0, "seed": 0, "stream": 0, "device": CPU, "min_capacity": 2, "growth": 2.0, **kw}
+    return MixedDimEmbedding(n, SIZES, **options)
+
+
+def move_up(s: MixedDimEmbedding, ids: list[int]) -> None:
+    """Enlarge ``ids`` one size, with recognisable values (the id, repeated)."""
+    t = torch.tensor(ids)
+    target = s.size_index(t) + 1
+    values = [None] * len(SIZES)
+    for k in range(len(SIZES)):
+        chosen = t[target == k]
+        if chosen.numel():
+            values[k] = chosen[:, None].float().expand(-1, SIZES[k]).clone()
+    s.move(t, values, target)
+
+
+def test_slots_are_allocated_on_demand_freed_on_enlargement_and_reused() -> None:
+    s = store()
+    assert s.n_stored() == 0 and s.counts() == [0, 0, 0] and s.capacity(0) == 0
+    new = s.ensure(torch.tensor([3, 5, 3, 7]))  # duplicates store once
+    assert new.tolist() == [3, 5, 7]
+    assert s.counts() == [3, 0, 0] and s.size_of[[3, 5, 7]].tolist() == [0, 0, 0]
+    assert sorted(s.slot_of[[3, 5, 7]].tolist()) == [0, 1, 2]
+    assert s.ensure(torch.tensor([5, 3])).numel() == 0  # already stored: nothing happens
+
+    slot_of_5 = int(s.slot_of[5])
+    move_up(s, [5])
+    assert s.size_of[5] == 1 and s.counts() == [2, 1, 0]
+    assert s.n_free[0] == 1 and int(s.free[0][0]) == slot_of_5  # the old slot is free...
+    s.ensure(torch.tensor([11]))
+    assert int(s.slot_of[11]) == slot_of_5 and s.n_free[0] == 0  # ...and the next entity at size 2 gets it
+    assert torch.equal(s.tables[1][s.slot_of[5].long()], torch.full((4,), 5.0))
+
+    # Entities at different sizes move together; a slot freed at size 4 is reused by the next arrival there.
+    slot_of_5 = int(s.slot_of[5])
+    move_up(s, [5, 3])  # 5: 4 -> 8, 3: 2 -> 4
+    assert s.size_of[[3, 5]].tolist() == [1, 2] and s.counts() == [2, 1, 1]
+    assert int(s.slot_of[3]) == slot_of_5 and s.high_water[1] == 1  # 5's slot at size 4 went to 3
+    lookup = s.lookup(torch.tensor([5, 3, 7]))
+    assert lookup.counts == [1, 1, 1]
+    assert torch.equal(lookup.values[2], torch.full((1, 8), 5.0))
+    assert torch.equal(lookup.values[1], torch.full((1, 4), 3.0))
+
+
+def test_tables_grow_geometrically_and_bytes_are_measured() -> None:
+    s = store(n=5000)
+    capacities = []
+    for start in range(0, 1000, 50):  # 20 batches of 50 new entities
+        s.ensure(torch.arange(start, start + 50))
+        capacities.append(s.capacity(0))
+    assert s.n_stored() == 1000
+    grows = sum(1 for a, b in zip(capacities, capacities[1:]) if b != a)
+    assert grows <= 5  # 50 -> 100 -> 200 -> 400 -> 800 -> 1600, not once per entity
+    assert 1000 <= s.capacity(0) <= 2000
+    assert s.table_bytes() == [tensor_bytes(t) for t in s.tables]
+    assert s.table_bytes()[0] == s.capacity(0) * 2 * 4 and s.table_bytes()[1] == 0
+    assert s.nbytes() == sum(s.table_bytes()) + s.index_bytes()
+    assert s.index_bytes() >= 5000 * (1 + 4)  # int8 size + int32 slot per entity
+
+
+def test_never_stored_entities_read_the_values_they_will_be_stored_with() -> None:
+    s = store(init_std=0.5)
+    ids = torch.tensor([4, 9])
+    before = s.lookup(ids)
+    assert before.counts == [2, 0, 0] and (before.slots[0] == -1).all()
+    assert s.n_stored() == 0  # reading stores nothing
+    s.ensure(ids)
+    after = s.lookup(ids)
+    assert torch.equal(before.values[0], after.values[0])
+    # A mix of stored and unstored rows in one lookup.
+    mixed = s.lookup(torch.tensor([4, 13, 9]))
+    assert torch.equal(mixed.values[0][[0, 2]], after.values[0])
+    assert torch.equal(mixed.values[0][1], s.initial_values(torch.tensor([13]), 0)[0])
+
+
+def test_hashed_normal_is_a_deterministic_standard_normal() -> None:
+    rows = torch.arange(20000)
+    a = hashed_normal(0, 1, rows, 8, 1.0)
+    assert torch.equal(a, hashed_normal(0, 1, rows, 8, 1.0))
+    assert torch.equal(a[123:124], hashed_normal(0, 1, torch.tensor([123]), 8, 1.0))  # row by row the same
+    assert abs(float(a.mean())) < 0.01 and abs(float(a.std()) - 1.0) < 0.01
+    assert abs(float(torch.corrcoef(torch.stack([a[:, 0], a[:, 1]]))[0, 1])) < 0.03
+    assert not torch.equal(a, hashed_normal(1, 1, rows, 8, 1.0))
+    assert not torch.equal(a, hashed_normal(0, 2, rows, 8, 1.0))
+    assert abs(float(hashed_normal(0, 1, rows, 8, 0.1).std()) - 0.1) < 0.002
+
+
+def _adam_reference(p: torch.Tensor, grads: list[torch.Tensor], lr: float) -> torch.Tensor:
+    param = torch.nn.Parameter(p.clone())
+    opt = torch.optim.Adam([param], lr=lr)
+    for g in grads:
+        opt.zero_grad()
+        param.grad = g.clone()
+        opt.step()
+    return param.detach()
+
+
+@pytest.mark.parametrize("mode", ["lazy", "dense"])
+def test_adam_on_the_store_matches_torch_adam(mode: str) -> None:
+    """dense: torch.optim.Adam over every stored row. lazy: Adam's rule on the touched rows only."""
+    s = store(n=10, mode=mode, lr=0.01)
+    s.ensure(torch.arange(6))
+    start = s.tables[0][:6].clone()
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.tensor([0, 1, 1]), torch.tensor([2, 0])]
+    full_grads = []
+    for ids in batches:
+        lookup = s.lookup(ids)
+        grad = torch.randn(len(ids), 2, generator=gen)
+        s.apply_gradients(lookup, [grad, None, None])
+        dense = torch.zeros(6, 2).index_add_(0, ids, grad)
+        full_grads.append(dense)
+    slots = s.slot_of[:6].long()
+    got = s.tables[0][slots]
+    reference_rows = start[slots]
+    after_step1_row1 = _adam_reference(reference_rows[1:2], [full_grads[0][1:2]], 0.01)
+    if mode == "dense":
+        expected = _adam_reference(reference_rows, full_grads, 0.01)
+        assert torch.allclose(got, expected, atol=1e-6)
+        # Row 1 had no gradient at step 2 but still moves on its momentum under dense Adam.
+        assert not torch.allclose(got[1:2], after_step1_row1, atol=1e-6)
+    else:
+        assert torch.allclose(got[1:2], after_step1_row1, atol=1e-6)  # lazy: step 2 left it alone
+        # Rows 0 and 1 saw gradients in batch 1, rows 0 and 2 in batch 2; 3-5 never: unchanged.
+        assert torch.equal(got[3:], reference_rows[3:])
+        # Row 0 was touched at both steps: exactly Adam's two steps.
+        row0 = _adam_reference(reference_rows[0:1], [g[0:1] for g in full_grads], 0.01)
+        assert torch.allclose(got[0:1], row0, atol=1e-6)
+        # Row 2 only at step 2, with step-2 bias correction and fresh moments.
+        m = 0.1 * full_grads[1][2]
+        v = 0.001 * full_grads[1][2] ** 2
+        expected2 = reference_rows[2] - 0.01 / (1 - 0.9**2) * m / ((v / (1 - 0.999**2)).sqrt() + 1e-8)
+        assert torch.allclose(got[2], expected2, atol=1e-6)
+
+
+def test_a_reused_slot_starts_with_fresh_adam_moments() -> None:
+    s = store(n=10, lr=0.01)
+    s.ensure(torch.tensor([0]))
+    lookup = s.lookup(torch.tensor([0]))
+    s.apply_gradients(lookup, [torch.ones(1, 2), None, None])
+    slot = int(s.slot_of[0])
+    assert s.exp_avg[0][slot].abs().sum() > 0
+    move_up(s, [0])
+    s.ensure(torch.tensor([1]))
+    assert int(s.slot_of[1]) == slot
+    assert s.exp_avg[0][slot].abs().sum() == 0 and s.exp_avg_sq[0][slot].abs().sum() == 0
