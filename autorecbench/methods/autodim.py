@@ -279,7 +279,7 @@ class AutoDim(BackboneMethod):
             "model": str(self.ctx.model_cfg.name), "variant": str(cfg.variant), "candidates": self.candidates,
             "unified_dim": self.unified, "chosen_dim": dict(zip(names, chosen)),
             "alpha": {name: alpha[f].tolist() for f, name in enumerate(names)},
-            "search_steps": fit.steps, "search_valid_auc": fit.best_value if fit.monitor == "auc" else None,
+            "search_steps": fit.steps, "search_valid_auc": loop.evaluate(predict, "valid").get("auc"),
         }
         return self.searched
 
