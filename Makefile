@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 SHARED_ML_LATEST_SMALL ?= ../shared/data/ml-latest-small
 
-.PHONY: setup test test-slow test-gpu bench clean-results help reproduce-table1
+.PHONY: setup test test-slow test-gpu bench clean-results help reproduce-table1 reproduce-autoloss-table2
 
 help:
 	@echo "make setup      create $(VENV), install torch $(TORCH_VERSION) (CPU build, unless a torch is already there),"
@@ -16,6 +16,8 @@ help:
 	@echo "                (5M Criteo-format rows: rows/s, peak RSS) and DeepFM training samples/s"
 	@echo "make reproduce-table1 [DATA=ml-latest-small|ml-100k] [SEEDS=0,1,2] [JOBS=2]"
 	@echo "                the ESAPN paper's Table 1 grid (ml-20m and ml-latest by default), printed beside the paper"
+	@echo "make reproduce-autoloss-table2 [ARGS='--small' | ARGS='--seeds 0,1,2 device=cuda']"
+	@echo "                AutoLoss Table 2 (+ Table 3's AL-1/AL-2): Criteo, ML-20m x DeepFM, IPNN, beside the paper"
 
 setup: $(VENV)/.installed data/raw/ml-100k/ml-100k.inter data/raw/ml-latest-small/ratings.csv
 
@@ -54,6 +56,10 @@ SEEDS ?= 0
 JOBS ?= 1
 reproduce-table1:
 	$(BIN)/autorecbench reproduce table1 --data $(DATA) --seeds $(SEEDS) --jobs $(JOBS)
+
+# AutoLoss (KDD 2021) Table 2: `python -m autorecbench.reproduce_autoloss --help` for the options.
+reproduce-autoloss-table2:
+	$(BIN)/python -m autorecbench.reproduce_autoloss $(ARGS)
 
 clean-results:
 	rm -rf results logs

@@ -11,23 +11,18 @@ Choices the paper leaves open, as config values (``conf/method/fixed.yaml``):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
 
 from autorecbench.data.stream import StreamBatch, StreamHistory
 from autorecbench.errors import UserError
-from autorecbench.methods.base import MemoryReport, MethodContext, OfflineMethod, StreamingMethod, register_method
+from autorecbench.methods.base import MemoryReport, MethodContext, StreamingMethod, register_method
+from autorecbench.methods.offline_common import BackboneMethod
 from autorecbench.models import model_class
-from autorecbench.models.backbones import CTRBackbone, build_backbone, logloss
-from autorecbench.models.layers import FieldEmbedding
 from autorecbench.models.rating import output_probabilities, per_example_loss, reduce_loss
 from autorecbench.optim import SplitAdam, check_mode, embedding_table, tensor_bytes
-
-if TYPE_CHECKING:
-    from autorecbench.data.offline import OfflineBatch
-    from autorecbench.runners.offline import TrainLoop
 
 
 @register_method
@@ -100,7 +95,7 @@ class Fixed(StreamingMethod):
 
 
 @register_method
-class FixedOffline(OfflineMethod):
+class FixedOffline(BackboneMethod):
     """FIXED under the offline protocol: the configured CTR backbone (``model=``) with one embedding size for
     every field, trained with Adam on logloss (cross-entropy for 5 classes). No search stage.
 
@@ -118,53 +113,10 @@ class FixedOffline(OfflineMethod):
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
         self.dim = int(ctx.cfg.embedding_dim)
-        self.mode = str(ctx.cfg.embedding_optimizer)
-        self.model: CTRBackbone | None = None
-        self.optimizer: SplitAdam | None = None
 
     def build(self, architecture: dict[str, Any] | None) -> None:
-        ctx = self.ctx
-        sparse = self.mode == "lazy"
-        uses_embedding = getattr(model_class(str(ctx.model_cfg.name)), "uses_embedding", True)
-        embedding = FieldEmbedding([f.cardinality for f in ctx.schema.fields], self.dim, float(ctx.cfg.init_std),
-                                   sparse) if uses_embedding else None
-        self.model = build_backbone(str(ctx.model_cfg.name), ctx.schema.fields, ctx.task, ctx.model_cfg,
-                                    embedding=embedding, sparse=sparse).to(ctx.device)
-        tables = [m.weight for m in self.model.modules() if isinstance(m, torch.nn.Embedding)]
-        table_ids = {id(t) for t in tables}
-        dense = [p for p in self.model.parameters() if id(p) not in table_ids]
-        self.optimizer = SplitAdam(tables, dense, float(ctx.cfg.lr), self.mode)
-
-    def module(self) -> torch.nn.Module:
-        assert self.model is not None, "build() first"
-        return self.model
-
-    def train_step(self, batch: OfflineBatch, loop: TrainLoop) -> torch.Tensor:
-        model, optimizer = self.module(), self.optimizer
-        assert optimizer is not None
-        model.train()
-        optimizer.zero_grad()
-        loss = logloss(self.ctx.task, model(batch.x), batch.label)
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
-
-    def predict(self, batch: OfflineBatch) -> torch.Tensor:
-        model = self.module()
-        model.eval()
-        return output_probabilities(self.ctx.task, model(batch.x))
-
-    def memory(self) -> MemoryReport:
-        model = self.module()
-        embedding = model.embedding
-        tables = [embedding.table.weight] if isinstance(embedding, FieldEmbedding) else []
-        return MemoryReport(
-            embedding_bytes=sum(tensor_bytes(t) for t in tables),
-            embedding_optimizer_bytes=self.optimizer.state_bytes(tables) if self.optimizer else 0,
-            parameters=sum(p.numel() for p in model.parameters()),
-            embedding_parameters=sum(t.numel() for t in tables),
-            dims={f.name: {str(model.dim): f.cardinality} for f in self.ctx.schema.fields} if tables else {},
-        )
+        self.model = self.new_backbone(self.field_embedding(self.dim, float(self.ctx.cfg.init_std)))
+        self.optimizer = self.adam(self.model, float(self.ctx.cfg.lr))
 
     def architecture(self) -> dict[str, Any]:
         model = self.module()

@@ -69,9 +69,14 @@ def pair_index(n_fields: int, device: torch.device | None = None) -> tuple[torch
 
 
 def inner_products(e: torch.Tensor) -> torch.Tensor:
-    """<e_i, e_j> for every field pair i < j (AutoLoss Eq. 3): ``[B, F, d] -> [B, F(F-1)/2]``."""
-    rows, cols = pair_index(e.shape[1], e.device)
-    return (e[:, rows] * e[:, cols]).sum(dim=-1)
+    """<e_i, e_j> for every field pair i < j (AutoLoss Eq. 3): ``[B, F, d] -> [B, F(F-1)/2]``.
+
+    Read off the upper triangle of the Gram matrices ``E E^T`` (one batched matmul): several times faster,
+    forward and backward, than gathering both members of every pair."""
+    n_fields = e.shape[1]
+    rows, cols = pair_index(n_fields, e.device)
+    gram = torch.bmm(e, e.transpose(1, 2))
+    return gram.flatten(1).index_select(1, rows * n_fields + cols)
 
 
 def fm_vector(e: torch.Tensor) -> torch.Tensor:

@@ -159,9 +159,11 @@ class TrainLoop:
 
     def fit(self, stage: str, step: Callable[[OfflineBatch, TrainLoop], torch.Tensor],
             predict: Callable[[OfflineBatch], torch.Tensor], module: nn.Module, *, epochs: int | None = None,
-            patience: int | None = None) -> FitResult:
+            patience: int | None = None, restore_best: bool = True) -> FitResult:
         """Train ``module`` with ``step`` over epochs of the training split, evaluate ``predict`` on validation,
-        stop early, restore the best weights. ``epochs`` / ``patience`` default to the runner's."""
+        stop early, restore the best weights. ``epochs`` / ``patience`` default to the runner's.
+        ``restore_best=False`` keeps the weights of the last step (a search whose state only means something at
+        the end, e.g. AutoFIS' gates, sparsified by GRDA as the steps go on)."""
         cfg = self.cfg
         epochs = epochs or cfg.epochs
         patience = patience or cfg.patience
@@ -202,7 +204,8 @@ class TrainLoop:
             value = metrics.get(cfg.monitor, math.nan)
             if _better(value, best, mode, cfg.min_delta):
                 best, best_epoch, best_step, stale = value, epoch_done, self.step, 0
-                best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+                if restore_best:
+                    best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
             else:
                 stale += 1
             loss_sum.zero_()
@@ -235,7 +238,7 @@ class TrainLoop:
         finally:
             if self.progress:
                 self.progress.stop()
-        if best_state is not None:
+        if best_state is not None and restore_best:
             module.load_state_dict(best_state)
         _sync(self.device)
         result = FitResult(

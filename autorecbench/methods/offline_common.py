@@ -1,0 +1,130 @@
+"""What the offline methods on a CTR backbone share (FIXED, AutoDim, AutoFIS, AutoLoss): building the backbone
+around a given embedding layer, Adam split into embedding tables and dense weights (``lazy`` or ``dense``,
+see ``autorecbench.optim``), the plain logloss training step, prediction and the memory report.
+
+Registers no method itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from autorecbench.errors import UserError
+from autorecbench.methods.base import MemoryReport, MethodContext, OfflineMethod
+from autorecbench.models import model_class
+from autorecbench.models.backbones import CTRBackbone, build_backbone, logloss
+from autorecbench.models.layers import FieldEmbedding
+from autorecbench.models.rating import output_probabilities
+from autorecbench.optim import SplitAdam, check_mode, tensor_bytes
+
+if TYPE_CHECKING:
+    from autorecbench.data.offline import OfflineBatch
+    from autorecbench.runners.offline import TrainLoop
+
+
+def embedding_tables(module: nn.Module | None) -> list[nn.Parameter]:
+    """The weights of every ``nn.Embedding`` inside ``module`` (tables: sparse gradients in lazy mode)."""
+    if module is None:
+        return []
+    return [m.weight for m in module.modules() if isinstance(m, nn.Embedding)]
+
+
+def check_positive(cfg: DictConfig, *keys: str) -> None:
+    for key in keys:
+        value = cfg.get(key)
+        if value is None or float(value) <= 0:
+            raise UserError(f"method.{key} must be > 0, got {value}")
+
+
+def model_overrides(model_cfg: DictConfig, **values: Any) -> DictConfig:
+    """A copy of the ``model`` group with ``values`` replacing keys (``None`` values keep the model's)."""
+    raw = OmegaConf.to_container(model_cfg, resolve=True)
+    assert isinstance(raw, dict)
+    raw.update({k: v for k, v in values.items() if v is not None})
+    return OmegaConf.create(raw)
+
+
+class BackboneMethod(OfflineMethod):
+    """An offline method whose fit-stage model is a CTR backbone trained with (split) Adam.
+
+    Subclasses build ``self.model`` / ``self.optimizer`` in ``build`` with :meth:`new_backbone` and
+    :meth:`adam`; the default ``train_step`` minimises the logloss (cross-entropy for 5 classes).
+    ``method.embedding_optimizer`` (``lazy`` | ``dense``) and ``method.lr`` are read from the method config.
+    """
+
+    def __init__(self, ctx: MethodContext) -> None:
+        super().__init__(ctx)
+        self.mode = check_mode(str(ctx.cfg.embedding_optimizer))
+        self.model: CTRBackbone | None = None
+        self.optimizer: SplitAdam | None = None
+
+    @property
+    def sparse(self) -> bool:
+        return self.mode == "lazy"
+
+    def uses_embedding(self) -> bool:
+        return bool(getattr(model_class(str(self.ctx.model_cfg.name)), "uses_embedding", True))
+
+    def field_embedding(self, dim: int, init_std: float) -> FieldEmbedding | None:
+        """One ``dim`` table per field (None for a backbone without embeddings, e.g. LR)."""
+        if not self.uses_embedding():
+            return None
+        return FieldEmbedding([f.cardinality for f in self.ctx.schema.fields], dim, init_std, self.sparse)
+
+    def new_backbone(self, embedding: nn.Module | None, model_cfg: DictConfig | None = None) -> CTRBackbone:
+        ctx = self.ctx
+        cfg = model_cfg if model_cfg is not None else ctx.model_cfg
+        return build_backbone(str(cfg.name), ctx.schema.fields, ctx.task, cfg, embedding=embedding,
+                              sparse=self.sparse).to(ctx.device)
+
+    def adam(self, model: nn.Module, lr: float, exclude: Iterable[nn.Parameter] = ()) -> SplitAdam:
+        """Adam over ``model``'s parameters except ``exclude`` (e.g. architecture weights with their own
+        optimiser); tables lazy or dense per ``method.embedding_optimizer``."""
+        skip = {id(p) for p in exclude}
+        tables = [t for t in embedding_tables(model) if id(t) not in skip]
+        table_ids = {id(t) for t in tables}
+        dense = [p for p in model.parameters() if id(p) not in table_ids and id(p) not in skip and p.requires_grad]
+        return SplitAdam(tables, dense, lr, self.mode)
+
+    def module(self) -> CTRBackbone:
+        assert self.model is not None, "build() first"
+        return self.model
+
+    def train_step(self, batch: OfflineBatch, loop: TrainLoop) -> torch.Tensor:
+        model, optimizer = self.module(), self.optimizer
+        assert optimizer is not None
+        model.train()
+        optimizer.zero_grad()
+        loss = logloss(self.ctx.task, model(batch.x), batch.label)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    def predict(self, batch: OfflineBatch) -> torch.Tensor:
+        model = self.module()
+        model.eval()
+        return output_probabilities(self.ctx.task, model(batch.x))
+
+    def field_dims(self) -> list[int]:
+        """The embedding size of each field in the fit-stage model (empty without embeddings)."""
+        embedding = self.module().embedding
+        if embedding is None:
+            return []
+        dims = getattr(embedding, "field_dims", None)
+        return [int(d) for d in dims] if dims is not None else [int(embedding.dim)] * len(self.ctx.schema.fields)  # type: ignore[union-attr]
+
+    def memory(self) -> MemoryReport:
+        model = self.module()
+        tables = embedding_tables(model.embedding)
+        return MemoryReport(
+            embedding_bytes=sum(tensor_bytes(t) for t in tables),
+            embedding_optimizer_bytes=self.optimizer.state_bytes(tables) if self.optimizer else 0,
+            parameters=sum(p.numel() for p in model.parameters()),
+            embedding_parameters=sum(t.numel() for t in tables),
+            dims={f.name: {str(d): f.cardinality} for f, d in zip(self.ctx.schema.fields, self.field_dims())},
+        )
