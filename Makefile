@@ -57,9 +57,9 @@ JOBS ?= 1
 reproduce-table1:
 	$(BIN)/autorecbench reproduce table1 --data $(DATA) --seeds $(SEEDS) --jobs $(JOBS)
 
-# AutoLoss (KDD 2021) Table 2: `python -m autorecbench.reproduce_autoloss --help` for the options.
+# AutoLoss (KDD 2021) Table 2: `autorecbench reproduce autoloss-table2 --help` for the options.
 reproduce-autoloss-table2:
-	$(BIN)/python -m autorecbench.reproduce_autoloss $(ARGS)
+	$(BIN)/autorecbench reproduce autoloss-table2 $(ARGS)
 
 clean-results:
 	rm -rf results logs

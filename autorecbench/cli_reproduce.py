@@ -81,3 +81,21 @@ def table1(
     text = table1_from_results([str(p) for p in new], out_console, fmt)
     if text is not None:
         out_console.out(text, end="", highlight=False)
+
+
+def _register_autoloss_table2() -> None:
+    """`autorecbench reproduce autoloss-table2` is the same command as `python -m autorecbench.reproduce_autoloss`."""
+    from autorecbench.reproduce_autoloss import main as autoloss_table2
+
+    reproduce_app.command(
+        "autoloss-table2",
+        help="AutoLoss paper (KDD 2021) Table 2 (+ Table 3's AL-1, AL-2): Criteo, ML-20m × DeepFM, IPNN × the "
+             "losses, beside the paper's numbers. Stops with download instructions if a raw file is missing; "
+             "`--small` runs synthetic stand-ins in seconds.",
+        epilog="Examples:\n\n"
+        "* `autorecbench reproduce autoloss-table2 --small` (pipeline check on synthetic stand-ins)\n\n"
+        "* `autorecbench reproduce autoloss-table2 --seeds 0,1,2 device=cuda`",
+    )(autoloss_table2)
+
+
+_register_autoloss_table2()

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from autorecbench.reproduce_autoloss import TABLE2, TABLE3, load_reference
-from conftest import REPO, one_line_error, read_run, run_folders
+from conftest import REPO, one_line_error, read_run, run_cli, run_folders
 
 
 def run_module(*args: str, home: Path, timeout: int = 600) -> subprocess.CompletedProcess[str]:
@@ -69,3 +69,10 @@ def test_missing_raw_data_stops_with_instructions(home: Path) -> None:
     assert not (home / "results").exists()
     line = one_line_error(run_module("--data", "avazu", home=home))
     assert "unknown or no datasets/models" in line
+
+
+def test_the_cli_subcommand_is_the_same_command(home: Path) -> None:
+    """`autorecbench reproduce autoloss-table2` (what the Makefile calls) checks raw data the same way."""
+    line = one_line_error(run_cli("reproduce", "autoloss-table2", "--data", "ml-20m", home=home))
+    assert "raw data missing, nothing run" in line and "ml-20m.zip" in line
+    assert not (home / "results").exists()
