@@ -11,7 +11,7 @@ millions of steps). With 20 epochs a noise field still ended at 16-64 in about o
 
 The separation is real but not wide: these settings pass for all six (variant, seed) runs with 1-2 torch
 threads (the CI machine), but on a 16-core machine with 4 threads — other float rounding — the shared variant,
-seed 0, ended with a noise field at 16 and an informative one at 8 (both at 30 and 40 search epochs).
+seed 0, ended with a noise field at 16 and an informative one at 16 (30 search epochs) or 8 (40)."""
 
 from __future__ import annotations
 
