@@ -218,9 +218,18 @@ def _header(metric: str) -> str:
     return HEADERS.get(metric, metric)
 
 
+def shared_settings(cmp: Comparison) -> list[str]:
+    """Overrides in every row's variant label (e.g. a generator size used for all runs): printed once, not per row."""
+    labels = [set(v.split()) for v in cmp.rows["variant"].to_list()] if cmp.rows.height else []
+    common = set.intersection(*labels) if labels else set()
+    return sorted(item for item in common if not item.startswith("#"))
+
+
 def display_rows(cmp: Comparison) -> tuple[list[str], list[list[str]]]:
-    """Header and string cells, shared by every text format."""
-    rows = cmp.rows
+    """Header and string cells, shared by every text format; the variant column leaves out ``shared_settings``."""
+    shared = set(shared_settings(cmp))
+    rows = cmp.rows.with_columns(
+        pl.col("variant").map_elements(lambda v: " ".join(i for i in v.split() if i not in shared), return_dtype=pl.String))
     show_model = rows["model"].n_unique() > 1 or "offline" in cmp.runners
     show_variant = (rows["variant"] != "").any()
     header = ["dataset", "task", *(["model"] if show_model else []), "method", *(["variant"] if show_variant else []), "n"]
@@ -260,19 +269,25 @@ def render(cmp: Comparison, fmt: str, console: Console) -> str | None:
         return cmp.rows.with_columns(pl.col("seeds").list.eval(pl.element().cast(pl.String)).list.join(" ")).write_csv() \
             if cmp.rows.height else ""
     header, cells = display_rows(cmp) if cmp.rows.height else ([], [])
+    shared = " ".join(shared_settings(cmp))
     if fmt in ("markdown", "latex"):
         from tabulate import tabulate
 
         style = "github" if fmt == "markdown" else "latex_booktabs"
         text = tabulate(cells, headers=header, tablefmt=style, disable_numparse=True) + "\n" if cells else ""
+        if shared and cells:
+            text += f"\nEvery row: {shared}\n"
         if incomplete:
             text += "\n" + tabulate([list(r.values()) for r in incomplete], headers=["path", "status", "error"],
                                     tablefmt=style, disable_numparse=True) + "\n"
         return text
     if cells:
-        table = Table(title=f"{cmp.n_runs} complete run(s)" + (f", baseline {cmp.baseline}" if cmp.baseline else ""))
+        table = Table(title=f"{cmp.n_runs} complete run(s)" + (f", baseline {cmp.baseline}" if cmp.baseline else ""),
+                      caption=f"every row: {shared}" if shared else None)
         for h in header:
-            table.add_column(h, justify="left" if h in KEYS or h == "task" else "right", no_wrap=True)
+            # Variant labels wrap; numbers and names stay on one line.
+            table.add_column(h, justify="left" if h in KEYS or h == "task" else "right", no_wrap=h != "variant",
+                             overflow="fold")
         for line in cells:
             table.add_row(*line)
         console.print(table)

@@ -93,6 +93,11 @@ def test_multirun_sweep_and_compare(home: Path, ml100k_dir: Path) -> None:
     assert group["accuracy_mean"] == pytest.approx(sum(accs) / 2)
     table = run_cli("compare", str(home / "results"), home=home, check=True).stdout
     assert "ml-100k" in table and "fixed" in table and "method.embedding_dim=8" in table and "±" in table
+    # What every row shares is printed once under the table, not in each row's variant.
+    assert table.count("runner.max_rows=3000") == 1 and "every row: runner.max_rows=3000" in table
+    md = run_cli("compare", str(home / "results"), "-f", "markdown", home=home, check=True).stdout
+    rows = [line for line in md.splitlines() if line.startswith("| ml-100k")]
+    assert len(rows) == 2 and not any("max_rows" in r for r in rows) and "Every row: runner.max_rows=3000" in md
 
 
 def test_joblib_launcher(home: Path, ml100k_dir: Path) -> None:
