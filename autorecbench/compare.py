@@ -225,11 +225,12 @@ def shared_settings(cmp: Comparison) -> list[str]:
     return sorted(item for item in common if not item.startswith("#"))
 
 
-def display_rows(cmp: Comparison) -> tuple[list[str], list[list[str]]]:
-    """Header and string cells, shared by every text format; the variant column leaves out ``shared_settings``."""
-    shared = set(shared_settings(cmp))
+def display_rows(cmp: Comparison, shared: list[str]) -> tuple[list[str], list[list[str]]]:
+    """Header and string cells, shared by every text format; the variant column leaves out ``shared``
+    (:func:`shared_settings`)."""
+    drop = set(shared)
     rows = cmp.rows.with_columns(
-        pl.col("variant").map_elements(lambda v: " ".join(i for i in v.split() if i not in shared), return_dtype=pl.String))
+        pl.col("variant").map_elements(lambda v: " ".join(i for i in v.split() if i not in drop), return_dtype=pl.String))
     show_model = rows["model"].n_unique() > 1 or "offline" in cmp.runners
     show_variant = (rows["variant"] != "").any()
     header = ["dataset", "task", *(["model"] if show_model else []), "method", *(["variant"] if show_variant else []), "n"]
@@ -268,8 +269,9 @@ def render(cmp: Comparison, fmt: str, console: Console) -> str | None:
     if fmt == "csv":
         return cmp.rows.with_columns(pl.col("seeds").list.eval(pl.element().cast(pl.String)).list.join(" ")).write_csv() \
             if cmp.rows.height else ""
-    header, cells = display_rows(cmp) if cmp.rows.height else ([], [])
-    shared = " ".join(shared_settings(cmp))
+    settings = shared_settings(cmp)
+    header, cells = display_rows(cmp, settings) if cmp.rows.height else ([], [])
+    shared = " ".join(settings)
     if fmt in ("markdown", "latex"):
         from tabulate import tabulate
 

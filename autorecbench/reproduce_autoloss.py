@@ -62,7 +62,6 @@ class Cell:
     model: str
     column: str
     variant: str | None
-    runs: list[Path] = field(default_factory=list)
     values: dict[str, list[float]] = field(default_factory=dict)
 
     def mean(self, metric: str) -> float | None:
@@ -120,7 +119,6 @@ def run_grid(cells: list[Cell], seeds: list[int], small: bool, extra: list[str])
             validate(cfg)
             log.info("%s / %s / %s, seed %d", cell.dataset, cell.model, cell.column, seed)
             folder = execute(cfg, overrides)
-            cell.runs.append(folder)
             metrics = pl.read_parquet(folder / "metrics.parquet").filter(pl.col("split") == "test")
             for metric, value in zip(metrics["metric"], metrics["value"]):
                 cell.values.setdefault(str(metric), []).append(float(value))

@@ -68,6 +68,29 @@ def run_cli(*args: str, home: Path | None = None, check: bool = False, timeout: 
     return done
 
 
+def prepare_synthetic(root: Path, n_users: int, n_items: int, n_interactions: int):
+    """A small seeded synthetic MovieLens-format stream (a real ratings.csv through the loader), prepared under
+    ``root``."""
+    from autorecbench.data.cache import DatasetConfig, SourceSpec, prepare
+
+    return prepare(DatasetConfig(
+        name="synthetic", path=str(root / "raw"), sources=[SourceSpec("ratings.csv", "ratings_csv")],
+        processed_dir=str(root / "processed"),
+        generator={"kind": "movielens", "seed": 0, "n_users": n_users, "n_items": n_items,
+                   "n_interactions": n_interactions},
+    ))
+
+
+def make_streaming_method(prepared, name: str, task, seed: int = 0, **method_overrides):  # type: ignore[no-untyped-def]
+    """Streaming method ``name`` built on the CPU for ``prepared`` with ``method.KEY=VALUE`` overrides."""
+    from autorecbench.config import compose
+    from autorecbench.methods.base import MethodContext, method_class
+
+    cfg = compose([f"method={name}", *[f"method.{k}={v}" for k, v in method_overrides.items()]])
+    torch.manual_seed(seed)
+    return method_class(name)(MethodContext(prepared.schema, task, cfg.method, cfg.model, torch.device("cpu"), seed))
+
+
 def run_folders(home: Path) -> list[Path]:
     results = home / "results"
     return sorted(p for p in results.iterdir() if p.is_dir()) if results.is_dir() else []

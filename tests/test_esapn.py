@@ -8,32 +8,23 @@ import pytest
 import torch
 
 from autorecbench.config import compose
-from autorecbench.data.cache import DatasetConfig, SourceSpec, prepare
 from autorecbench.data.schema import TaskSpec
-from autorecbench.data.stream import StreamHistory, load_stream
+from autorecbench.data.stream import StreamHistory, load_stream, within_batch_rank
 from autorecbench.methods.base import MethodContext, method_class
 from autorecbench.methods.esapn import ENLARGE, LossQueue, adjusted_lookup
-from autorecbench.methods.sizesearch import last_rows, within_batch_rank
+from autorecbench.methods.sizesearch import last_rows
+from conftest import make_streaming_method, prepare_synthetic
 
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory):
-    tmp = tmp_path_factory.mktemp("esapn")
-    cfg = DatasetConfig(
-        name="synthetic", path=str(tmp / "raw"), sources=[SourceSpec("ratings.csv", "ratings_csv")],
-        processed_dir=str(tmp / "processed"),
-        generator={"kind": "movielens", "seed": 0, "n_users": 120, "n_items": 90, "n_interactions": 4000},
-    )
-    return prepare(cfg)
+    return prepare_synthetic(tmp_path_factory.mktemp("esapn"), n_users=120, n_items=90, n_interactions=4000)
 
 
 def make(prepared, name: str = "esapn", task: str = "binary", seed: int = 0, **overrides):
-    cfg = compose([f"method={name}", *[f"method.{k}={v}" for k, v in overrides.items()]])
-    torch.manual_seed(seed)
-    ctx = MethodContext(prepared.schema, TaskSpec.from_name(task), cfg.method, cfg.model, CPU, seed)
-    return method_class(name)(ctx)
+    return make_streaming_method(prepared, name, TaskSpec.from_name(task), seed, **overrides)
 
 
 def warm(method, prepared, n_batches: int, task: str = "binary"):

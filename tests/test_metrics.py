@@ -94,4 +94,4 @@ def test_occurrence_index_matches_a_loop() -> None:
     for i in ids.tolist():
         seen[i] = seen.get(i, 0) + 1
         expected.append(seen[i])
-    assert occurrence_index(ids, 30).tolist() == expected
+    assert occurrence_index(ids).tolist() == expected

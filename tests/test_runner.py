@@ -7,31 +7,21 @@ import math
 import pytest
 import torch
 
-from autorecbench.config import compose
-from autorecbench.data.cache import DatasetConfig, SourceSpec, prepare
 from autorecbench.data.schema import TaskSpec
 from autorecbench.data.stream import StreamHistory, load_stream
-from autorecbench.methods.base import MethodContext, method_class
 from autorecbench.runners.streaming import StreamingConfig, StreamingRunner, evaluation_window
+from conftest import make_streaming_method, prepare_synthetic
 
 DEVICE = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory):
-    tmp = tmp_path_factory.mktemp("runner")
-    cfg = DatasetConfig(
-        name="synthetic", path=str(tmp / "raw"), sources=[SourceSpec("ratings.csv", "ratings_csv")],
-        processed_dir=str(tmp / "processed"),
-        generator={"kind": "movielens", "seed": 0, "n_users": 200, "n_items": 150, "n_interactions": 6000},
-    )
-    return prepare(cfg)
+    return prepare_synthetic(tmp_path_factory.mktemp("runner"), n_users=200, n_items=150, n_interactions=6000)
 
 
 def make_fixed(prepared, task: TaskSpec, seed: int = 0, **overrides):
-    cfg = compose(["method=fixed", "method.embedding_dim=16", *[f"method.{k}={v}" for k, v in overrides.items()]])
-    torch.manual_seed(seed)
-    return method_class("fixed")(MethodContext(prepared.schema, task, cfg.method, cfg.model, DEVICE, seed))
+    return make_streaming_method(prepared, "fixed", task, seed, **{"embedding_dim": 16, **overrides})
 
 
 @pytest.mark.parametrize("task_name", ["binary", "multiclass"])

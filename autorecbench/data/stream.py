@@ -12,19 +12,22 @@ from autorecbench.data.schema import TaskSpec
 from autorecbench.errors import UserError
 
 
-def occurrence_index(ids: torch.Tensor, n_ids: int) -> torch.Tensor:
-    """1-based occurrence number of each row's id along the stream: the id's frequency at that row.
-
-    The i-th row with a given id gets i (its first appearance 1), computed with one stable sort, no loops.
-    """
+def within_batch_rank(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row: its 0-based rank among the rows with the same id (in row order), and how many rows that id
+    has. One stable sort, no loops."""
     order = torch.sort(ids, stable=True).indices
-    counts = torch.bincount(ids, minlength=n_ids)
+    _, inverse, counts = torch.unique_consecutive(ids[order], return_inverse=True, return_counts=True)
     starts = torch.cumsum(counts, 0) - counts
-    sorted_ids = ids[order]
-    rank = torch.arange(ids.numel(), device=ids.device) - starts[sorted_ids]
-    out = torch.empty_like(ids)
-    out[order] = rank + 1
-    return out
+    rank, count = torch.empty_like(ids), torch.empty_like(ids)
+    rank[order] = torch.arange(ids.numel(), device=ids.device) - starts[inverse]
+    count[order] = counts[inverse]
+    return rank, count
+
+
+def occurrence_index(ids: torch.Tensor) -> torch.Tensor:
+    """1-based occurrence number of each row's id along the stream: the id's frequency at that row (the i-th
+    row with a given id gets i, its first appearance 1)."""
+    return within_batch_rank(ids)[0] + 1
 
 
 @dataclass
@@ -130,8 +133,8 @@ def load_stream(
         rating=rating,
         timestamp=cols["timestamp"].to(device),
         label=task.labels(rating),
-        user_freq=occurrence_index(user, schema.n_users),
-        item_freq=occurrence_index(item, schema.n_items),
+        user_freq=occurrence_index(user),
+        item_freq=occurrence_index(item),
         n_users=schema.n_users,
         n_items=schema.n_items,
         task=task,

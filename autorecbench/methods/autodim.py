@@ -202,7 +202,6 @@ class AutoDim(BackboneMethod):
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
-        self.check_config(ctx.cfg)
         if not self.uses_embedding():
             raise UserError(f"AutoDim searches embedding sizes: model={ctx.model_cfg.name} has no embeddings")
         cfg = ctx.cfg

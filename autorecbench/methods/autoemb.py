@@ -56,9 +56,6 @@ class AutoEmb(SoftSelectionMethod):
     def search_parameters(self) -> list[nn.Parameter]:
         return list(self.controllers.parameters())
 
-    def search_step_optimizer(self) -> torch.optim.Optimizer:
-        return self.search_optimizer
-
     def after_training(self, batch: StreamBatch, weights: dict[str, torch.Tensor]) -> None:
         for f in FIELDS:
             ids = self._ids(batch, f)[0]

@@ -82,9 +82,6 @@ class AutoFIS(BackboneMethod):
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
-        self.check_config(ctx.cfg)
-        if not ctx.task.is_binary:
-            raise UserError("AutoFIS gates a single-logit FM: use task=binary")
         cfg = ctx.cfg
         self.backbone = str(ctx.model_cfg.name)
         c, mu = GRDA_DEFAULTS[self.backbone]

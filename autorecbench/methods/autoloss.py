@@ -100,7 +100,7 @@ class AutoLossConfig:
         if any(h < 1 for h in hidden):
             raise UserError(f"method.controller_hidden sizes must be >= 1, got {list(hidden)}")
         losses = (variant,) if variant in CANDIDATES else check_names(cfg.losses)
-        if variant in ("autoloss", "al2", "darts", "al1") and len(losses) < 2:
+        if variant not in CANDIDATES and len(losses) < 2:
             raise UserError(f"method.variant={variant} needs at least two candidate losses, got {list(losses)}")
         out = AutoLossConfig(
             variant=variant, losses=losses, lr=float(cfg.lr), controller_lr=float(cfg.controller_lr),
@@ -177,7 +177,7 @@ class AutoLoss(BackboneMethod):
 
     @property
     def learns_weights(self) -> bool:
-        return self.cfg.variant in LEARNED
+        return self.weigher is not None
 
     def build(self, architecture: dict[str, Any] | None) -> None:
         ctx, cfg = self.ctx, self.cfg
@@ -206,8 +206,11 @@ class AutoLoss(BackboneMethod):
         if variant not in LEARNED:
             n = len(self.names)
             return torch.full((logits.shape[0], n), 1.0 / n, device=logits.device, dtype=logits.dtype)
-        log_alpha = self.log_alpha(logits, label)
-        if variant == "autoloss":
+        return self._select(self.log_alpha(logits, label), tau)
+
+    def _select(self, log_alpha: torch.Tensor, tau: float) -> torch.Tensor:
+        """p from log α: Gumbel-softmax (Eq. 10) for AutoLoss, α itself for AL-2 and DARTS."""
+        if self.cfg.variant == "autoloss":
             return gumbel_softmax(log_alpha, tau, hard=self.cfg.straight_through)
         return log_alpha.exp()
 
@@ -233,7 +236,7 @@ class AutoLoss(BackboneMethod):
         tau = self.schedule(step)
         log_alpha = self.log_alpha(logits, batch.label)
         alpha = log_alpha.exp()
-        p = gumbel_softmax(log_alpha, tau, hard=self.cfg.straight_through) if self.cfg.variant == "autoloss" else alpha
+        p = self._select(log_alpha, tau)
         loss = self._weighted_loss(logits, batch.label, p)
         self.weigher_optimizer.zero_grad(set_to_none=True)
         loss.backward()

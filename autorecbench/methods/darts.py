@@ -46,17 +46,13 @@ class Darts(SoftSelectionMethod):
         for table in self.alpha.values():
             nn.init.zeros_(table.weight)  # softmax(0) = uniform over the sizes
         self.alpha.to(ctx.device)
-        self.search_optimizer = SplitAdam([t.weight for t in self.alpha.values()], [], float(ctx.cfg.search_lr), mode,
-                                           foreach=True)
+        self.search_optimizer = SplitAdam(self.search_parameters(), [], float(ctx.cfg.search_lr), mode, foreach=True)
 
     def weights(self, field: str, batch: StreamBatch, train: bool = False) -> torch.Tensor:
         return torch.softmax(self.alpha[field](self._ids(batch, field)[0]), dim=1)
 
     def search_parameters(self) -> list[nn.Parameter]:
         return [t.weight for t in self.alpha.values()]
-
-    def search_step_optimizer(self) -> SplitAdam:
-        return self.search_optimizer
 
     def state_bytes(self, field: str) -> int:
         return tensor_bytes(self.alpha[field].weight)

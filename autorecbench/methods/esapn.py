@@ -61,10 +61,10 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from autorecbench.data.stream import StreamBatch, StreamHistory
+from autorecbench.data.stream import StreamBatch, StreamHistory, within_batch_rank
 from autorecbench.errors import UserError
 from autorecbench.methods.base import MemoryReport, MethodContext, register_method
-from autorecbench.methods.sizesearch import FIELDS, SizeSearchMethod, within_batch_rank
+from autorecbench.methods.sizesearch import FIELDS, SizeSearchMethod
 from autorecbench.models.controller import FrequencyEncoder, StateMLP
 from autorecbench.models.embedding import ChainedMaps, Lookup, MixedDimEmbedding
 from autorecbench.models.rating import output_probabilities

@@ -30,7 +30,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from autorecbench.data.stream import StreamBatch, StreamHistory
+from autorecbench.data.stream import StreamBatch, StreamHistory, within_batch_rank
 from autorecbench.errors import UserError
 from autorecbench.methods.base import MemoryReport, MethodContext, StreamingMethod
 from autorecbench.metrics import bucket_bounds, bucket_label, frequency_bucket
@@ -42,18 +42,6 @@ from autorecbench.optim import SplitAdam, check_mode, tensor_bytes
 FIELDS = ("user", "item")
 VALIDATIONS = ("last_batch", "history")
 MAX_BUCKETS = 64  # power-of-two buckets of an int64 frequency
-
-
-def within_batch_rank(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each row: its 0-based rank among the batch's rows with the same id (in row order), and how many
-    rows that id has in the batch. One stable sort, no loops."""
-    order = torch.sort(ids, stable=True).indices
-    _, inverse, counts = torch.unique_consecutive(ids[order], return_inverse=True, return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts
-    rank, count = torch.empty_like(ids), torch.empty_like(ids)
-    rank[order] = torch.arange(ids.numel(), device=ids.device) - starts[inverse]
-    count[order] = counts[inverse]
-    return rank, count
 
 
 def last_rows(ids: torch.Tensor) -> torch.Tensor:
@@ -159,10 +147,9 @@ class SizeSearchMethod(StreamingMethod):
     def size_rows(self) -> list[dict[str, Any]]:
         """Per field and size: entities holding it, their dims, allocated and used bytes."""
 
-    def memory_rows(self) -> list[dict[str, Any]]:
-        """Per field: Table 2's totals against FIXED at the largest size."""
+    def memory_rows(self, sizes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Per field: Table 2's totals against FIXED at the largest size, from ``size_rows()``."""
         rows = []
-        sizes = self.size_rows()
         top = self.sizes[-1]
         for field in FIELDS:
             mine = [r for r in sizes if r["entity"] == field]
@@ -194,15 +181,15 @@ class SizeSearchMethod(StreamingMethod):
 
     def reports(self) -> dict[str, list[dict[str, Any]]]:
         freq_rows = [r for f in FIELDS for r in self.by_frequency[f].table(f, self.sizes)]
-        return {"embedding_sizes": self.size_rows(), "embedding_memory": self.memory_rows(),
-                "size_by_frequency": freq_rows}
+        sizes = self.size_rows()
+        return {"embedding_sizes": sizes, "embedding_memory": self.memory_rows(sizes), "size_by_frequency": freq_rows}
 
     def architecture(self) -> dict[str, Any]:
         out: dict[str, Any] = {"sizes": list(self.sizes)}
-        for row in self.memory_rows():
+        sizes = self.size_rows()
+        for row in self.memory_rows(sizes):
             out[row["entity"]] = {
-                "entities_per_size": {str(r["size"]): r["entities"] for r in self.size_rows()
-                                      if r["entity"] == row["entity"]},
+                "entities_per_size": {str(r["size"]): r["entities"] for r in sizes if r["entity"] == row["entity"]},
                 "total_dims": row["total_dims"],
                 "ratio_to_fixed": row["ratio"],
             }
@@ -230,8 +217,10 @@ class SoftSelectionMethod(SizeSearchMethod):
         self.model.to(ctx.device)
         self.tables.to(ctx.device)
         embeddings = [self.tables[f].table.weight for f in FIELDS]
-        dense = [*self.model.parameters(), *(p for n, p in self.tables.named_parameters() if not n.endswith("table.weight"))]
-        self.model_optimizer = SplitAdam(embeddings, dense, float(cfg.lr), mode, foreach=True)
+        self.dense_parameters = [*self.model.parameters(),
+                                 *(p for n, p in self.tables.named_parameters() if not n.endswith("table.weight"))]
+        self.model_optimizer = SplitAdam(embeddings, self.dense_parameters, float(cfg.lr), mode, foreach=True)
+        self.search_optimizer: Any = None  # set by the subclass: Adam over ``search_parameters()``
 
     @abstractmethod
     def weights(self, field: str, batch: StreamBatch, train: bool = False) -> torch.Tensor:
@@ -240,9 +229,6 @@ class SoftSelectionMethod(SizeSearchMethod):
 
     @abstractmethod
     def search_parameters(self) -> list[torch.nn.Parameter]: ...
-
-    @abstractmethod
-    def search_step_optimizer(self) -> Any: ...
 
     def after_training(self, batch: StreamBatch, weights: dict[str, torch.Tensor]) -> None:
         """Hook after the model step (AutoEmb keeps each entity's last weights)."""
@@ -265,10 +251,9 @@ class SoftSelectionMethod(SizeSearchMethod):
         self._eval()
         weights = {f: self.weights(f, valid, train=True) for f in FIELDS}
         loss = self.reduce(self.example_losses(self._logits(valid, weights), valid))
-        optimizer = self.search_step_optimizer()
-        optimizer.zero_grad()
+        self.search_optimizer.zero_grad()
         loss.backward(inputs=self.search_parameters())
-        optimizer.step()
+        self.search_optimizer.step()
 
     def train_model(self, batch: StreamBatch) -> torch.Tensor:
         with torch.no_grad():
@@ -301,8 +286,7 @@ class SoftSelectionMethod(SizeSearchMethod):
 
     def memory(self) -> MemoryReport:
         tables = [self.tables[f].table.weight for f in FIELDS]
-        dense = sum(p.numel() for p in self.model.parameters()) + sum(
-            p.numel() for n, p in self.tables.named_parameters() if not n.endswith("table.weight"))
+        dense = sum(p.numel() for p in self.dense_parameters)
         search = sum(p.numel() for p in self.search_parameters())
         embedding = sum(t.numel() for t in tables)
         return MemoryReport(

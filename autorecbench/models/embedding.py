@@ -163,16 +163,21 @@ class MixedDimEmbedding:
         """The values entity ``ids`` would be stored with at size index ``k`` (a pure function)."""
         return hashed_normal(self.seed, self.stream * 64 + k, ids, self.sizes[k], self.init_std)
 
+    def _size_index(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each id's size index (int64, ``initial_size`` for ids never stored) and the never-stored mask."""
+        s = self.size_of[ids].to(torch.int64)
+        unstored = s < 0
+        return torch.where(unstored, torch.full_like(s, self.initial_size), s), unstored
+
     def size_index(self, ids: torch.Tensor) -> torch.Tensor:
         """Each id's size index (int64); ids never stored read as ``initial_size``."""
-        s = self.size_of[ids].to(torch.int64)
-        return torch.where(s < 0, torch.full_like(s, self.initial_size), s)
+        return self._size_index(ids)[0]
 
     def lookup(self, ids: torch.Tensor) -> Lookup:
         """Values of ``ids`` at their current sizes, grouped by size (copies, safe to give ``requires_grad``)."""
-        size_index = self.size_index(ids)
+        size_index, unstored = self._size_index(ids)
         perm, counts = group_by_size(size_index, self.n_sizes)
-        all_stored = not bool((self.size_of[ids] < 0).any())
+        all_stored = not bool(unstored.any())
         slots, values, start = [], [], 0
         for k, c in enumerate(counts):
             rows = perm[start:start + c]

@@ -238,7 +238,7 @@ class TrainLoop:
         finally:
             if self.progress:
                 self.progress.stop()
-        if best_state is not None and restore_best:
+        if best_state is not None:  # only kept with restore_best
             module.load_state_dict(best_state)
         _sync(self.device)
         result = FitResult(
