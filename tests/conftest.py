@@ -81,12 +81,15 @@ def prepare_synthetic(root: Path, n_users: int, n_items: int, n_interactions: in
     ))
 
 
-def make_streaming_method(prepared, name: str, task, seed: int = 0, **method_overrides):  # type: ignore[no-untyped-def]
-    """Streaming method ``name`` built on the CPU for ``prepared`` with ``method.KEY=VALUE`` overrides."""
+def make_streaming_method(prepared, name: str, task, seed: int = 0, model_overrides: dict | None = None,  # type: ignore[no-untyped-def]
+                          **method_overrides):
+    """Streaming method ``name`` built on the CPU for ``prepared`` with ``method.KEY=VALUE`` (and
+    ``model.KEY=VALUE``) overrides."""
     from autorecbench.config import compose
     from autorecbench.methods.base import MethodContext, method_class
 
-    cfg = compose([f"method={name}", *[f"method.{k}={v}" for k, v in method_overrides.items()]])
+    cfg = compose([f"method={name}", *[f"method.{k}={v}" for k, v in method_overrides.items()],
+                   *[f"model.{k}={v}" for k, v in (model_overrides or {}).items()]])
     torch.manual_seed(seed)
     return method_class(name)(MethodContext(prepared.schema, task, cfg.method, cfg.model, torch.device("cpu"), seed))
 

@@ -159,3 +159,42 @@ def test_a_reused_slot_starts_with_fresh_adam_moments() -> None:
     s.ensure(torch.tensor([1]))
     assert int(s.slot_of[1]) == slot
     assert s.exp_avg[0][slot].abs().sum() == 0 and s.exp_avg_sq[0][slot].abs().sum() == 0
+
+
+def test_a_distinct_lookup_groups_each_entity_once_and_rows_gather_their_entry() -> None:
+    s = store(n=12)
+    s.ensure(torch.arange(8))
+    move_up(s, [2, 5])
+    move_up(s, [5])
+    ids = torch.tensor([5, 2, 7, 5, 11, 2, 2, 0])  # 11 never stored
+    rows, distinct = s.lookup(ids), s.lookup(ids, distinct=True)
+    assert rows.counts == [3, 3, 2] and distinct.counts == [3, 1, 1]
+    assert distinct.entry_ids.tolist() == [0, 7, 11, 2, 5]  # by size, then id
+    assert not distinct.all_stored and rows.row_of_entry is not None and distinct.row_of_entry is None
+    for lookup in (rows, distinct):
+        for r in range(len(ids)):
+            entry = int(lookup.entry_of_row[r])
+            assert int(lookup.entry_ids[entry]) == int(ids[r]) and int(lookup.entry_size[entry]) == int(lookup.size_index[r])
+            assert torch.equal(lookup.row_value(r), rows.row_value(r))
+
+
+@pytest.mark.parametrize("mode", ["lazy", "dense"])
+def test_adam_from_a_distinct_lookup_equals_adam_from_the_rows(mode: str) -> None:
+    """Duplicated rows share one entry in a distinct lookup: the gradients autograd sums there give the same
+    Adam step as coalescing the rows' gradients (the sparse-gradient semantics)."""
+    ids = torch.tensor([3, 1, 3, 4, 1, 3])
+    grads = torch.randn(len(ids), 4, generator=torch.Generator().manual_seed(0))
+    results = []
+    for distinct in (False, True):
+        s = store(n=6, mode=mode, lr=0.01)
+        s.ensure(torch.arange(6))
+        move_up(s, [3, 4])
+        lookup = s.lookup(ids, distinct=distinct)
+        values = [v.clone().requires_grad_(True) for v in lookup.values]
+        unified = torch.cat([torch.nn.functional.pad(v, (0, 4 - v.shape[1])) for v in values])
+        rows = unified.index_select(0, lookup.entry_of_row)
+        (rows * grads).sum().backward()  # d/d(row value) = grads; entries collect their rows' sums
+        s.apply_gradients(lookup, [v.grad for v in values])
+        results.append([t.clone() for t in s.tables])
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, atol=1e-7)

@@ -85,8 +85,8 @@ def test_enlargement_initialises_through_w_not_at_random(prepared) -> None:
         rows = (k == j).nonzero().squeeze(1)
         if rows.numel() == 0:
             continue
-        new = after.values[j + 1][[int((after.rows_of(j + 1) == r).nonzero()) for r in rows]]
-        old = before.values[j][[int((before.rows_of(j) == r).nonzero()) for r in rows]]
+        new = torch.stack([after.row_value(int(r)) for r in rows])
+        old = torch.stack([before.row_value(int(r)) for r in rows])
         with torch.no_grad():
             assert torch.allclose(new, maps.step(j, old))  # e_{k+1} = W e_k + b
         assert not torch.allclose(new, store.initial_values(ids[rows], j + 1))  # not a fresh random draw
@@ -213,3 +213,23 @@ def test_non_default_options_learn_and_predict(prepared, name: str, overrides: d
     assert sum(r["n"] for r in reports["size_by_frequency"] if r["entity"] == "user" and r["size"] == 2) == 1500
     if name == "esapn":
         assert all(r["entities"] == 0 for r in reports["embedding_sizes"] if r["size"] == 2)  # start at 4
+
+
+@pytest.mark.parametrize("task", ["binary", "multiclass"])
+def test_one_pass_test_then_train_predicts_what_predict_would_and_learns_the_same(prepared, task: str) -> None:
+    """``predict_and_learn`` (batch-statistics batch-norm) takes the predictions from line 10's forward pass:
+    they equal ``predict``'s before learning (up to rounding), and the method ends in the state ``learn`` gives."""
+    one, two = make(prepared, task=task), make(prepared, task=task)
+    stream, history = warm(one, prepared, 3, task=task)
+    warm(two, prepared, 3, task=task)
+    batch = stream.rows(slice(750, 1000), 3)
+    predicted, loss = one.predict_and_learn(batch, history)
+    with torch.no_grad():
+        expected = two.predict(batch)
+    assert torch.allclose(predicted, expected, atol=1e-5)
+    assert torch.equal(loss, two.learn(batch, history))
+    for a, b in zip(one.model.parameters(), two.model.parameters()):
+        assert torch.equal(a, b)
+    for f in ("user", "item"):
+        for k, v in one.stores[f].state_tensors().items():
+            assert torch.equal(v, two.stores[f].state_tensors()[k]), (f, k)

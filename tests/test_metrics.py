@@ -95,3 +95,18 @@ def test_occurrence_index_matches_a_loop() -> None:
         seen[i] = seen.get(i, 0) + 1
         expected.append(seen[i])
     assert occurrence_index(ids).tolist() == expected
+
+
+def test_cpu_tanh_through_the_logistic_function_matches_torch_tanh() -> None:
+    from autorecbench.models.activations import tanh
+
+    x = torch.linspace(-20, 20, 100001)
+    assert float((tanh(x) - torch.tanh(x)).abs().max()) < 2.5e-7
+    xd = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(tanh, (xd,))
+    a = torch.randn(300, 7, requires_grad=True)
+    tanh(a).pow(3).sum().backward()
+    mine = a.grad.clone()
+    a.grad = None
+    torch.tanh(a).pow(3).sum().backward()
+    assert torch.allclose(mine, a.grad, atol=1e-6)

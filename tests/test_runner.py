@@ -60,6 +60,24 @@ def test_prediction_for_a_batch_is_made_before_training_on_it(prepared, task_nam
     assert not torch.allclose(after, recorded[k])
 
 
+@pytest.mark.parametrize("batch_norm", ["batch", "running"])
+def test_one_pass_test_then_train_equals_predict_then_learn(prepared, batch_norm: str) -> None:
+    """FIXED's ``predict_and_learn`` uses the training pass's outputs as predictions with batch-statistics
+    batch-norm (bit for bit what ``predict`` gives) and a separate ``predict`` with running statistics."""
+    task = TaskSpec.from_name("binary")
+    stream = load_stream(prepared, task, DEVICE)
+    one, two = (make_fixed(prepared, task, model_overrides={"batch_norm": batch_norm}) for _ in range(2))
+    history = StreamHistory(stream)
+    for b, (start, end) in enumerate(stream.batch_bounds(500)[:4]):
+        batch = stream.rows(slice(start, end), b)
+        predicted, loss = one.predict_and_learn(batch, history)
+        with torch.no_grad():
+            expected = two.predict(batch)
+        assert torch.equal(predicted, expected) and torch.equal(loss, two.learn(batch, history))
+        history.advance(batch)
+    assert all(torch.equal(a, b) for a, b in zip(one.model.state_dict().values(), two.model.state_dict().values()))
+
+
 def test_predict_changes_no_state(prepared) -> None:
     task = TaskSpec.from_name("binary")
     stream = load_stream(prepared, task, DEVICE)

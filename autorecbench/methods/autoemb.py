@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from autorecbench.data.stream import StreamBatch
-from autorecbench.methods.base import MethodContext, register_method
+from autorecbench.methods.base import MethodContext, register_method, set_training
 from autorecbench.methods.sizesearch import FIELDS, SoftSelectionMethod, last_rows
 from autorecbench.models.controller import FrequencyEncoder, StateMLP
-from autorecbench.optim import tensor_bytes
+from autorecbench.optim import fused_adam, tensor_bytes
 
 
 @register_method
@@ -46,12 +46,12 @@ class AutoEmb(SoftSelectionMethod):
             for f in FIELDS
         }).to(ctx.device)
         self.previous = {f: torch.zeros(self.n_entities[f], k, device=ctx.device) for f in FIELDS}
-        self.search_optimizer = torch.optim.Adam(self.controllers.parameters(), lr=float(cfg.search_lr), foreach=True)
+        self.search_optimizer = fused_adam(self.controllers.parameters(), float(cfg.search_lr))
 
     def weights(self, field: str, batch: StreamBatch, train: bool = False) -> torch.Tensor:
         ids, freq = self._ids(batch, field)
-        controller = self.controllers[field].train(train)
-        return torch.softmax(controller(freq, self.previous[field][ids]), dim=1)
+        controller = set_training(self.controllers[field], train)
+        return torch.softmax(controller(freq, self.previous[field].index_select(0, ids)), dim=1)
 
     def search_parameters(self) -> list[nn.Parameter]:
         return list(self.controllers.parameters())

@@ -105,6 +105,20 @@ class StreamingMethod(Method):
     def learn(self, batch: StreamBatch, history: StreamHistory) -> torch.Tensor | None:
         """One update on ``batch``; may draw validation rows from ``history``. Returns the training loss."""
 
+    def predict_and_learn(self, batch: StreamBatch, history: StreamHistory) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Test then train on one batch (what the streaming runner calls): the predictions for ``batch`` made
+        before learning from it, and the training loss.
+
+        By default :meth:`predict` (without gradients), then :meth:`learn`. A method whose training forward
+        pass computes exactly the outputs :meth:`predict` would — same parameters, and batch-norm with the
+        batch's own statistics, as ``model.batch_norm=batch`` has in both — may override this to take the
+        predictions from that pass (one forward pass per batch instead of two; the official ESAPN code does
+        the same). The predictions must come from the pass before any update of the parameters they use.
+        """
+        with torch.no_grad():
+            predicted = self.predict(batch)
+        return predicted, self.learn(batch, history)
+
 
 class OfflineMethod(Method):
     """A method under the offline protocol (``runner=offline``). The runner calls, in order:
@@ -150,6 +164,31 @@ class OfflineMethod(Method):
 METHODS: dict[str, type[StreamingMethod]] = {}
 OFFLINE_METHODS: dict[str, type[OfflineMethod]] = {}
 REGISTRIES: dict[str, dict[str, Any]] = {"streaming": METHODS, "offline": OFFLINE_METHODS}
+
+
+_MODE_DEPENDENT = "_autorecbench_mode_dependent"
+
+
+def set_training(module: nn.Module, training: bool) -> nn.Module:
+    """``module.train(training)`` where it changes what the module computes, else nothing.
+
+    For the streaming models (linear layers, embeddings, activations, batch-norm) the mode matters only for
+    batch-norm layers that keep running statistics and for dropout; with ``model.batch_norm=batch`` every
+    batch-norm normalises with the batch's own statistics in both modes. ``train`` walks every submodule and
+    the streaming methods switch modes several times per batch, so a module without such layers is left as
+    it is (found once per module), and one with them is switched only when its mode differs.
+    """
+    dependent = module.__dict__.get(_MODE_DEPENDENT)
+    if dependent is None:
+        dependent = any(
+            (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats)
+            or isinstance(m, nn.modules.dropout._DropoutNd)
+            for m in module.modules()
+        )
+        module.__dict__[_MODE_DEPENDENT] = dependent
+    if dependent and module.training != training:
+        module.train(training)
+    return module
 
 
 def register_method(cls: type[Method]) -> type[Method]:

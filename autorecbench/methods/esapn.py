@@ -29,7 +29,10 @@ One ``learn`` call is one iteration of Algorithm 1:
 ``predict`` uses the entities' current sizes. The official code first applies line 8's argmax enlargement
 and then predicts; both give the same prediction, because chaining from e_k equals chaining from
 W_{k->k+1} e_k + b (Eq. 1) — which is also why the reward of line 5 does not depend on the sampled action at
-the moment it is computed (a property of the method as published, recorded here, not changed).
+the moment it is computed (a property of the method as published, recorded here, not changed). The
+streaming runner's test-then-train step (:meth:`Esapn.predict_and_learn`) therefore takes, with
+``model.batch_norm=batch``, the predictions from line 10's forward pass like the official code: one pass of
+the rating model per batch for both.
 
 Choices the paper leaves open, as config values (``conf/method/esapn.yaml``), defaults from the official code:
 - ``initial_size: 2``: every entity starts at the smallest size and grows at most one step per batch it
@@ -63,12 +66,12 @@ from omegaconf import DictConfig
 
 from autorecbench.data.stream import StreamBatch, StreamHistory, within_batch_rank
 from autorecbench.errors import UserError
-from autorecbench.methods.base import MemoryReport, MethodContext, register_method
+from autorecbench.methods.base import MemoryReport, MethodContext, register_method, set_training
 from autorecbench.methods.sizesearch import FIELDS, SizeSearchMethod
 from autorecbench.models.controller import FrequencyEncoder, StateMLP
-from autorecbench.models.embedding import ChainedMaps, Lookup, MixedDimEmbedding
+from autorecbench.models.embedding import ChainedMaps, Lookup, MixedDimEmbedding, inverse_permutation
 from autorecbench.models.rating import output_probabilities
-from autorecbench.optim import tensor_bytes
+from autorecbench.optim import fused_adam, tensor_bytes
 
 SHORT_HISTORY = ("mean", "skip")
 UNCHANGE, ENLARGE = 0, 1
@@ -96,41 +99,42 @@ class LossQueue:
     def mean(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean of each id's last min(count, T) losses, and that number (0: no loss yet, mean 0)."""
         have = self.count[ids].clamp(max=self.window)
-        return self.losses[ids].sum(dim=1) / have.clamp_min(1), have
+        return self.losses.index_select(0, ids).sum(dim=1) / have.clamp_min(1), have
 
     def nbytes(self) -> int:
         return tensor_bytes(self.losses) + tensor_bytes(self.count)
 
 
 def adjusted_lookup(lookup: Lookup, enlarge: torch.Tensor, maps: ChainedMaps) -> Lookup:
-    """Algorithm 1 line 4 as a pure function: the rows of ``lookup`` with ``enlarge`` set move one size up,
-    their values becoming ``W_{k->k+1} e + b`` (Eq. 1); the store is not touched.
+    """Algorithm 1 line 4 as a pure function: the rows of a row ``lookup`` with ``enlarge`` set (and below the
+    top size) move one size up, their values becoming ``W_{k->k+1} e + b`` (Eq. 1); the store is not touched.
 
-    Returns a new :class:`Lookup` grouped by the adjusted sizes (slots are -1: nothing is stored there).
+    Returns a new row :class:`Lookup` grouped by the adjusted sizes (slots are -1: nothing is stored there).
+    Entries keep their order within a size, the arrivals from the size below first.
     """
+    if lookup.row_of_entry is None:
+        raise ValueError("adjusted_lookup needs a row lookup (distinct=False): actions are per row")
     n_sizes = len(lookup.counts)
-    stay_rows, stay_vals, up_rows, up_vals = [], [], [], []
+    moving = enlarge[lookup.row_of_entry] & (lookup.entry_size < n_sizes - 1)  # per entry
+    target = lookup.entry_size + moving.long()
+    staying, arriving = [], [None]
     for k in range(n_sizes):
-        rows = lookup.rows_of(k)
-        moving = enlarge[rows]
-        stay_rows.append(rows[~moving])
-        stay_vals.append(lookup.values[k][~moving])
-        if k + 1 < n_sizes:
-            up_rows.append(rows[moving])
-            up_vals.append(maps.step(k, lookup.values[k][moving]))
-    perm, values, counts, slots = [], [], [], []
-    for k in range(n_sizes):
-        rows = [stay_rows[k]] + ([up_rows[k - 1]] if k else [])
-        vals = [stay_vals[k]] + ([up_vals[k - 1]] if k else [])
-        perm += rows
-        values.append(torch.cat(vals))
-        counts.append(int(values[-1].shape[0]))
-        slots.append(torch.full((counts[-1],), -1, dtype=torch.int64, device=lookup.ids.device))
-    perm_t = torch.cat(perm)
+        group, values = moving[lookup.group(k)], lookup.values[k]
+        if k + 1 == n_sizes or values.shape[0] == 0:
+            staying.append(values)
+            arriving.append(None)
+            continue
+        staying.append(values.index_select(0, (~group).nonzero().squeeze(1)))
+        arriving.append(maps.step(k, values.index_select(0, group.nonzero().squeeze(1))))
+    new_values = [v if up is None else torch.cat([up, v]) for v, up in zip(staying, arriving)]
+    counts = [int(v.shape[0]) for v in new_values]
+    order = torch.sort(target, stable=True).indices  # arrivals (from the size below) sort before stayers
+    row_of_entry = lookup.row_of_entry[order]
+    slots = [torch.full((c,), -1, dtype=torch.int32, device=lookup.ids.device) for c in counts]
     size_index = torch.empty_like(lookup.size_index)
-    size_index[perm_t] = torch.repeat_interleave(
-        torch.arange(n_sizes, device=perm_t.device), torch.tensor(counts, device=perm_t.device))
-    return Lookup(lookup.ids, size_index, perm_t, counts, slots, values)
+    size_index[lookup.row_of_entry] = target
+    return Lookup(lookup.ids, size_index, lookup.entry_ids[order], target[order], inverse_permutation(row_of_entry),
+                  row_of_entry, counts, slots, new_values, lookup.all_stored)
 
 
 @register_method
@@ -163,9 +167,8 @@ class Esapn(SizeSearchMethod):
             self.queues[field] = LossQueue(self.n_entities[field], self.window, ctx.device)
         for module in (self.model, self.maps, self.policies):
             module.to(ctx.device)
-        self.model_optimizer = torch.optim.Adam([*self.model.parameters(), *self.maps.parameters()], lr=float(cfg.lr),
-                                                foreach=True)
-        self.policy_optimizer = torch.optim.Adam(self.policies.parameters(), lr=float(cfg.search_lr), foreach=True)
+        self.model_optimizer = fused_adam([*self.model.parameters(), *self.maps.parameters()], float(cfg.lr))
+        self.policy_optimizer = fused_adam(self.policies.parameters(), float(cfg.search_lr))
 
     @classmethod
     def check_config(cls, cfg: DictConfig) -> None:
@@ -188,8 +191,8 @@ class Esapn(SizeSearchMethod):
         return self.model([self.maps[f](lookups[f]) for f in FIELDS])
 
     def predict(self, batch: StreamBatch) -> torch.Tensor:
-        self.model.eval()
-        lookups = {f: self.stores[f].lookup(self._ids(batch, f)[0]) for f in FIELDS}
+        set_training(self.model, False)
+        lookups = {f: self.stores[f].lookup(self._ids(batch, f)[0], distinct=True) for f in FIELDS}
         return output_probabilities(self.ctx.task, self._logits(lookups))
 
     def policy_step(self, valid: StreamBatch) -> None:
@@ -199,7 +202,7 @@ class Esapn(SizeSearchMethod):
         for field in FIELDS:
             ids, freq = self._ids(valid, field)
             lookup = self.stores[field].lookup(ids)
-            policy = self.policies[field].train()
+            policy = set_training(self.policies[field], True)
             # Only rows below the top size take a decision (the rest get no action, no log-probability).
             rows = (lookup.size_index < top).nonzero().squeeze(1)
             log_probs = torch.log_softmax(policy(freq, self._state(field, lookup.size_index), rows), dim=1)
@@ -210,7 +213,8 @@ class Esapn(SizeSearchMethod):
                 adjusted[field] = adjusted_lookup(lookup, action, self.maps[field])  # line 4 (temporary)
             picked[field] = log_probs.gather(1, sampled.long()[:, None]).squeeze(1)
             eligible[field] = rows
-        self.model.eval()  # batch statistics in ``batch`` mode; running statistics untouched in ``running`` mode
+        # Batch statistics in ``batch`` mode; running statistics used and left unchanged in ``running`` mode.
+        set_training(self.model, False)
         with torch.no_grad():
             loss = self.example_losses(self._logits(adjusted), valid)  # line 5: L under the sampled sizes
         objective = torch.zeros((), device=self.ctx.device)
@@ -242,7 +246,7 @@ class Esapn(SizeSearchMethod):
             store.ensure(ids)
             size_index = store.size_index(ids)
             rows = (size_index < top).nonzero().squeeze(1)
-            logits = self.policies[field].eval()(freq, self._state(field, size_index), rows)
+            logits = set_training(self.policies[field], False)(freq, self._state(field, size_index), rows)
             chosen = torch.unique(ids[rows][logits[:, ENLARGE] > logits[:, UNCHANGE]])
             if chosen.numel():
                 self.enlarge(field, chosen)
@@ -251,23 +255,28 @@ class Esapn(SizeSearchMethod):
     def enlarge(self, field: str, ids: torch.Tensor) -> None:
         """Permanently move unique, stored ``ids`` one size up: e_{k+1} = W_{k->k+1} e_k + b (§2.3.3)."""
         store, maps = self.stores[field], self.maps[field]
-        lookup = store.lookup(ids)
+        lookup = store.lookup(ids, distinct=True)
         new_values: list[torch.Tensor | None] = [None] * len(self.sizes)
         for k in range(len(self.sizes) - 1):
             if lookup.counts[k]:
                 new_values[k + 1] = maps.step(k, lookup.values[k])
-        store.move(ids, new_values, lookup.size_index + 1)
+        store.move(lookup.entry_ids, new_values, lookup.entry_size + 1)
 
     def train_model(self, batch: StreamBatch) -> torch.Tensor:
         """Algorithm 1 line 10: one step on the current batch (Eq. 3 or 4), then the losses enter the FIFOs."""
-        self.model.train()
+        return self._train_step(batch)[1]
+
+    def _train_step(self, batch: StreamBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`train_model`, also returning the logits of its forward pass (before the step)."""
+        set_training(self.model, True)
         lookups = {}
         for field in FIELDS:
-            lookup = self.stores[field].lookup(self._ids(batch, field)[0])
+            lookup = self.stores[field].lookup(self._ids(batch, field)[0], distinct=True)
             for v in lookup.values:
                 v.requires_grad_(True)
             lookups[field] = lookup
-        losses = self.example_losses(self._logits(lookups), batch)
+        logits = self._logits(lookups)
+        losses = self.example_losses(logits, batch)
         loss = self.reduce(losses)
         self.model_optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -278,14 +287,28 @@ class Esapn(SizeSearchMethod):
             self.stores[field].apply_gradients(lookup, [v.grad for v in lookup.values])
             self.queues[field].push(ids, losses)
             self.by_frequency[field].add(freq, F.one_hot(lookup.size_index, len(self.sizes)))
-        return loss.detach()
+        return logits.detach(), loss.detach()
 
-    def learn(self, batch: StreamBatch, history: StreamHistory) -> torch.Tensor:
+    def _iteration(self, batch: StreamBatch, history: StreamHistory) -> tuple[torch.Tensor, torch.Tensor]:
+        """One iteration of Algorithm 1; returns the logits of line 10's forward pass and the loss."""
         valid = self.validation_batch(batch, history)
         if valid is not None:
             self.policy_step(valid)
         self.select_sizes(batch)
-        return self.train_model(batch)
+        return self._train_step(batch)
+
+    def learn(self, batch: StreamBatch, history: StreamHistory) -> torch.Tensor:
+        return self._iteration(batch, history)[1]
+
+    def predict_and_learn(self, batch: StreamBatch, history: StreamHistory) -> tuple[torch.Tensor, torch.Tensor]:
+        """With ``model.batch_norm=batch`` the predictions are the outputs of line 10's forward pass, before
+        its update: the policy step changes only the policies, and line 8-9's enlargements leave every
+        unified embedding unchanged (Eq. 1 chained), so they equal ``predict``'s (up to float rounding) —
+        the official code predicts from that pass too. One rating-model pass per batch instead of two."""
+        if self.batch_norm != "batch":
+            return super().predict_and_learn(batch, history)
+        logits, loss = self._iteration(batch, history)
+        return output_probabilities(self.ctx.task, logits), loss
 
     # ------------------------------------------------------------------ reports
 

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from autorecbench.data.stream import StreamBatch, StreamHistory
 from autorecbench.errors import UserError
-from autorecbench.methods.base import MemoryReport, MethodContext, StreamingMethod, register_method
+from autorecbench.methods.base import MemoryReport, MethodContext, StreamingMethod, register_method, set_training
 from autorecbench.methods.offline_common import BackboneMethod
 from autorecbench.models import model_class
 from autorecbench.models.rating import output_probabilities, per_example_loss, reduce_loss
@@ -49,7 +49,7 @@ class Fixed(StreamingMethod):
         for module in (self.user_table, self.item_table, self.model):
             module.to(ctx.device)
         self.optimizer = SplitAdam(
-            [self.user_table.weight, self.item_table.weight], self.model.parameters(), float(cfg.lr), mode
+            [self.user_table.weight, self.item_table.weight], self.model.parameters(), float(cfg.lr), mode, fused=True
         )
 
     @classmethod
@@ -64,16 +64,29 @@ class Fixed(StreamingMethod):
         return self.model([self.user_table(batch.user), self.item_table(batch.item)])
 
     def predict(self, batch: StreamBatch) -> torch.Tensor:
-        self.model.eval()
+        set_training(self.model, False)
         return output_probabilities(self.ctx.task, self._logits(batch))
 
-    def learn(self, batch: StreamBatch, history: StreamHistory) -> torch.Tensor:
-        self.model.train()
+    def _train_step(self, batch: StreamBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """One Adam step on ``batch``; returns the logits of the forward pass (before the step) and the loss."""
+        set_training(self.model, True)
         self.optimizer.zero_grad()
-        loss = reduce_loss(per_example_loss(self.ctx.task, self._logits(batch), batch.label), self.reduction)
+        logits = self._logits(batch)
+        loss = reduce_loss(per_example_loss(self.ctx.task, logits, batch.label), self.reduction)
         loss.backward()
         self.optimizer.step()
-        return loss.detach()
+        return logits.detach(), loss.detach()
+
+    def learn(self, batch: StreamBatch, history: StreamHistory) -> torch.Tensor:
+        return self._train_step(batch)[1]
+
+    def predict_and_learn(self, batch: StreamBatch, history: StreamHistory) -> tuple[torch.Tensor, torch.Tensor]:
+        """With ``model.batch_norm=batch`` the training forward pass computes exactly what ``predict`` would
+        (batch statistics in both modes): its outputs are the predictions, one pass per batch."""
+        if self.ctx.model_cfg.get("batch_norm") != "batch":
+            return super().predict_and_learn(batch, history)
+        logits, loss = self._train_step(batch)
+        return output_probabilities(self.ctx.task, logits), loss
 
     def memory(self) -> MemoryReport:
         tables = (self.user_table.weight, self.item_table.weight)

@@ -32,7 +32,7 @@ from torch import nn
 
 from autorecbench.data.stream import StreamBatch, StreamHistory, within_batch_rank
 from autorecbench.errors import UserError
-from autorecbench.methods.base import MemoryReport, MethodContext, StreamingMethod
+from autorecbench.methods.base import MemoryReport, MethodContext, StreamingMethod, set_training
 from autorecbench.metrics import bucket_bounds, bucket_label, frequency_bucket
 from autorecbench.models.controller import FREQUENCY_ENCODINGS
 from autorecbench.models.embedding import SoftSizeTables
@@ -219,7 +219,7 @@ class SoftSelectionMethod(SizeSearchMethod):
         embeddings = [self.tables[f].table.weight for f in FIELDS]
         self.dense_parameters = [*self.model.parameters(),
                                  *(p for n, p in self.tables.named_parameters() if not n.endswith("table.weight"))]
-        self.model_optimizer = SplitAdam(embeddings, self.dense_parameters, float(cfg.lr), mode, foreach=True)
+        self.model_optimizer = SplitAdam(embeddings, self.dense_parameters, float(cfg.lr), mode, fused=True)
         self.search_optimizer: Any = None  # set by the subclass: Adam over ``search_parameters()``
 
     @abstractmethod
@@ -238,8 +238,8 @@ class SoftSelectionMethod(SizeSearchMethod):
 
     def _eval(self) -> None:
         """Batch statistics in ``batch`` mode; running statistics used and left unchanged in ``running`` mode."""
-        self.model.eval()
-        self.tables.eval()
+        set_training(self.model, False)
+        set_training(self.tables, False)
 
     def predict(self, batch: StreamBatch) -> torch.Tensor:
         self._eval()
@@ -258,8 +258,8 @@ class SoftSelectionMethod(SizeSearchMethod):
     def train_model(self, batch: StreamBatch) -> torch.Tensor:
         with torch.no_grad():
             weights = {f: self.weights(f, batch) for f in FIELDS}
-        self.model.train()
-        self.tables.train()
+        set_training(self.model, True)
+        set_training(self.tables, True)
         loss = self.reduce(self.example_losses(self._logits(batch, weights), batch))
         self.model_optimizer.zero_grad()
         loss.backward()

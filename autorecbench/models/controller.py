@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from autorecbench.errors import UserError
+from autorecbench.models.activations import Tanh
 from autorecbench.models.rating import embedding_norm
 
 FREQUENCY_ENCODINGS = ("exact", "log2")
@@ -59,7 +60,7 @@ class StateMLP(nn.Module):
         self.mlp = nn.Sequential(
             nn.Linear(encoder.embedding.embedding_dim + extra_dim, hidden),
             embedding_norm(hidden, batch_norm),
-            nn.Tanh(),
+            Tanh(),
             nn.Linear(hidden, outputs),
         )
 
@@ -69,4 +70,4 @@ class StateMLP(nn.Module):
         output layer) runs on ``rows`` only — ESAPN needs no decision for entities already at the top size."""
         linear, norm, act, out = self.mlp
         hidden = norm(linear(torch.cat([self.encoder(freq), extra], dim=1)))
-        return out(act(hidden if rows is None else hidden[rows]))
+        return out(act(hidden if rows is None else hidden.index_select(0, rows)))

@@ -10,6 +10,8 @@ Choices the paper leaves open, as config values (``conf/model/rating_mlp.yaml``)
 - ``batch_norm: batch`` normalises with the statistics of the batch being processed, in prediction too,
   like the official code (which never calls ``eval()``); ``running`` uses running statistics when predicting.
 - The paper writes ``tanh(W x) + b``; we use the standard ``tanh(W x + b)`` (the official code does too).
+  On the CPU tanh is computed as ``2 sigmoid(2x) - 1`` (:mod:`autorecbench.models.activations`: the same
+  function, within 2e-7, three times faster there).
 - ``loss_reduction: mean`` as Eq. 3/4; the official code sums over the batch (``sum``).
 """
 
@@ -25,6 +27,7 @@ from torch import nn
 from autorecbench.data.schema import TaskSpec
 from autorecbench.errors import UserError
 from autorecbench.models import register_model
+from autorecbench.models.activations import Tanh, tanh
 
 
 def embedding_norm(dim: int, batch_norm: str) -> nn.BatchNorm1d:
@@ -48,7 +51,7 @@ class RatingMLP(nn.Module):
         layers: list[nn.Module] = []
         width = n_fields * dim
         for h in hidden:
-            layers += [nn.Linear(width, h), nn.Tanh()]
+            layers += [nn.Linear(width, h), Tanh()]
             width = h
         layers.append(nn.Linear(width, n_outputs))
         self.mlp = nn.Sequential(*layers)
@@ -62,7 +65,7 @@ class RatingMLP(nn.Module):
 
     def forward(self, fields: Sequence[torch.Tensor]) -> torch.Tensor:
         """Logits ``[batch, n_outputs]`` from one ``[batch, dim]`` embedding per field."""
-        normed = [torch.tanh(norm(e)) for norm, e in zip(self.norms, fields)]
+        normed = [tanh(norm(e)) for norm, e in zip(self.norms, fields)]
         return self.mlp(torch.cat(normed, dim=1))
 
 

@@ -133,12 +133,10 @@ class StreamingRunner:
         try:
             for index, (start, end) in enumerate(bounds):
                 batch = stream.rows(slice(start, end), index)
-                with torch.no_grad():
-                    predicted = method.predict(batch)
+                predicted, loss = method.predict_and_learn(batch, history)  # test, then train
                 predictions[start:end] = predicted
                 if self.hook:
                     self.hook("predicted", batch, predicted)
-                loss = method.learn(batch, history)
                 if self.hook:
                     self.hook("learned", batch, loss)
                 history.advance(batch)
