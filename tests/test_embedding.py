@@ -198,3 +198,21 @@ def test_adam_from_a_distinct_lookup_equals_adam_from_the_rows(mode: str) -> Non
         results.append([t.clone() for t in s.tables])
     for a, b in zip(*results):
         assert torch.allclose(a, b, atol=1e-7)
+
+
+def test_move_up_from_a_lookup_equals_move() -> None:
+    stores = [store(n=12), store(n=12)]
+    for s in stores:
+        s.ensure(torch.arange(10))
+        move_up(s, [1, 2, 3])
+    ids = torch.tensor([7, 2, 9, 3])
+    a, b = stores
+    lookup = a.lookup(ids, distinct=True)
+    values = [None] + [torch.full((c, d), float(k + 1)) for k, (c, d) in enumerate(zip(lookup.counts[:-1], SIZES[1:]))]
+    a.move_up(lookup, values)
+    b.move(lookup.entry_ids, values, lookup.entry_size + 1)
+    for k, v in a.state_tensors().items():
+        assert torch.equal(v, b.state_tensors()[k]), k
+    assert a.size_of[[7, 2, 9, 3]].tolist() == [1, 2, 1, 2]
+    with pytest.raises(ValueError):
+        a.move_up(a.lookup(ids), values)  # a row lookup

@@ -11,7 +11,7 @@ from autorecbench.config import compose
 from autorecbench.data.schema import TaskSpec
 from autorecbench.data.stream import StreamHistory, load_stream, within_batch_rank
 from autorecbench.methods.base import MethodContext, method_class
-from autorecbench.methods.esapn import ENLARGE, LossQueue, adjusted_lookup
+from autorecbench.methods.esapn import ENLARGE, LossQueue, adjusted_unified
 from autorecbench.methods.sizesearch import last_rows
 from conftest import make_streaming_method, prepare_synthetic
 
@@ -117,18 +117,31 @@ def test_temporary_adjustments_in_the_policy_step_leave_no_trace(prepared) -> No
         assert torch.equal(q.losses, queues[f][0]) and torch.equal(q.count, queues[f][1])
 
 
-def test_adjusted_lookup_moves_rows_one_size_up(prepared) -> None:
+def test_adjusted_rows_use_the_enlarged_embedding_through_w(prepared) -> None:
+    """Line 4: a row whose action is "enlarge" is computed from W_{k->k+1} e + b mapped up from k+1; others from
+    e. Duplicated entities may take different actions on different rows; rows at the top size cannot enlarge."""
     method = make(prepared)
     warm(method, prepared, 2)
     store, maps = method.stores["item"], method.maps["item"]
-    ids = torch.nonzero((store.size_of >= 0) & (store.size_of < len(method.sizes) - 1)).squeeze(1)[:8]
-    lookup = store.lookup(ids)
+    top = len(method.sizes) - 1
+    below = torch.nonzero((store.size_of >= 0) & (store.size_of < top)).squeeze(1)[:6]
+    store.move(below[:1], [None] * top + [torch.zeros(1, method.sizes[top])], torch.tensor([top]))  # one at the top
+    ids = torch.cat([below, below[:3]])
     enlarge = torch.arange(ids.numel()) % 2 == 0
+    lookup = store.lookup(ids, distinct=True)
     with torch.no_grad():
-        adjusted = adjusted_lookup(lookup, enlarge, maps)
-        assert torch.equal(adjusted.size_index, lookup.size_index + enlarge.long())
-        assert sum(adjusted.counts) == ids.numel()
-        assert torch.allclose(maps(adjusted), maps(lookup), atol=1e-5)
+        got = adjusted_unified(lookup, enlarge, maps)
+        for r in range(ids.numel()):
+            k = int(lookup.size_index[r])
+            e = lookup.row_value(r)[None]
+            if enlarge[r] and k < top:
+                values = [v[:0] for v in lookup.values]
+                values[k + 1] = maps.step(k, e)
+            else:
+                values = [v[:0] for v in lookup.values]
+                values[k] = e
+            assert torch.allclose(got[r], maps.unified(values)[0], atol=1e-6), r
+        assert torch.allclose(got, maps(lookup), atol=1e-5)  # Eq. 1 chained: the same unified embeddings
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])

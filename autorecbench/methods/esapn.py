@@ -19,7 +19,7 @@ R = (mean of the FIFO) − L, with L the loss of the validation row under the sa
 
 One ``learn`` call is one iteration of Algorithm 1:
 - lines 2-6, :meth:`Esapn.policy_step`: take the validation batch V from history, sample an action per row
-  from π(·|s), adjust the sizes temporarily (:func:`adjusted_lookup`: a functional copy, the store is never
+  from π(·|s), adjust the sizes temporarily (:func:`adjusted_unified`: a pure function, the store is never
   written), compute L and R, and update both policies by REINFORCE (Eq. 6 with one sample per state, the
   loss −R log π(a|s); Eq. 7 via Adam, ``search_lr`` 1e-4);
 - lines 7-9, :meth:`Esapn.select_sizes`: for the current batch take the argmax action and enlarge for good;
@@ -69,7 +69,7 @@ from autorecbench.errors import UserError
 from autorecbench.methods.base import MemoryReport, MethodContext, register_method, set_training
 from autorecbench.methods.sizesearch import FIELDS, SizeSearchMethod
 from autorecbench.models.controller import FrequencyEncoder, StateMLP
-from autorecbench.models.embedding import ChainedMaps, Lookup, MixedDimEmbedding, inverse_permutation
+from autorecbench.models.embedding import ChainedMaps, Lookup, MixedDimEmbedding
 from autorecbench.models.rating import output_probabilities
 from autorecbench.optim import fused_adam, tensor_bytes
 
@@ -105,36 +105,18 @@ class LossQueue:
         return tensor_bytes(self.losses) + tensor_bytes(self.count)
 
 
-def adjusted_lookup(lookup: Lookup, enlarge: torch.Tensor, maps: ChainedMaps) -> Lookup:
-    """Algorithm 1 line 4 as a pure function: the rows of a row ``lookup`` with ``enlarge`` set (and below the
-    top size) move one size up, their values becoming ``W_{k->k+1} e + b`` (Eq. 1); the store is not touched.
-
-    Returns a new row :class:`Lookup` grouped by the adjusted sizes (slots are -1: nothing is stored there).
-    Entries keep their order within a size, the arrivals from the size below first.
-    """
-    if lookup.row_of_entry is None:
-        raise ValueError("adjusted_lookup needs a row lookup (distinct=False): actions are per row")
-    n_sizes = len(lookup.counts)
-    moving = enlarge[lookup.row_of_entry] & (lookup.entry_size < n_sizes - 1)  # per entry
-    target = lookup.entry_size + moving.long()
-    staying, arriving = [], [None]
-    for k in range(n_sizes):
-        group, values = moving[lookup.group(k)], lookup.values[k]
-        if k + 1 == n_sizes or values.shape[0] == 0:
-            staying.append(values)
-            arriving.append(None)
-            continue
-        staying.append(values.index_select(0, (~group).nonzero().squeeze(1)))
-        arriving.append(maps.step(k, values.index_select(0, group.nonzero().squeeze(1))))
-    new_values = [v if up is None else torch.cat([up, v]) for v, up in zip(staying, arriving)]
-    counts = [int(v.shape[0]) for v in new_values]
-    order = torch.sort(target, stable=True).indices  # arrivals (from the size below) sort before stayers
-    row_of_entry = lookup.row_of_entry[order]
-    slots = [torch.full((c,), -1, dtype=torch.int32, device=lookup.ids.device) for c in counts]
-    size_index = torch.empty_like(lookup.size_index)
-    size_index[lookup.row_of_entry] = target
-    return Lookup(lookup.ids, size_index, lookup.entry_ids[order], target[order], inverse_permutation(row_of_entry),
-                  row_of_entry, counts, slots, new_values, lookup.all_stored)
+def adjusted_unified(lookup: Lookup, enlarge: torch.Tensor, maps: ChainedMaps) -> torch.Tensor:
+    """Algorithm 1 lines 4-5 as a pure function: each row's unified embedding ``[batch, d_n]`` with its size
+    adjusted by its own action — rows with ``enlarge`` set (and below the top size) use their entity's
+    embedding enlarged one size, ``W_{k->k+1} e + b`` (Eq. 1), mapped up from k+1; the others their current
+    one. Both variants are computed once per distinct entity of ``lookup``; the store is not touched."""
+    current = maps.unified(lookup.values)
+    below = int(current.shape[0]) - lookup.counts[-1]  # entries below the top size come first
+    up = maps.enlarged(lookup.values)
+    entry = lookup.entry_of_row
+    moving = enlarge & (entry < below)
+    rows_up = up.index_select(0, entry.clamp(max=max(below - 1, 0))) if below else current.index_select(0, entry)
+    return torch.where(moving[:, None], rows_up, current.index_select(0, entry))
 
 
 @register_method
@@ -201,7 +183,7 @@ class Esapn(SizeSearchMethod):
         adjusted, picked, eligible = {}, {}, {}
         for field in FIELDS:
             ids, freq = self._ids(valid, field)
-            lookup = self.stores[field].lookup(ids)
+            lookup = self.stores[field].lookup(ids, distinct=True)
             policy = set_training(self.policies[field], True)
             # Only rows below the top size take a decision (the rest get no action, no log-probability).
             rows = (lookup.size_index < top).nonzero().squeeze(1)
@@ -210,13 +192,14 @@ class Esapn(SizeSearchMethod):
                 sampled = self.uniform(len(ids))[rows] < log_probs[:, ENLARGE].exp()  # line 3: a ~ π(·|s)
                 action = torch.zeros_like(ids, dtype=torch.bool)
                 action[rows] = sampled
-                adjusted[field] = adjusted_lookup(lookup, action, self.maps[field])  # line 4 (temporary)
+                adjusted[field] = adjusted_unified(lookup, action, self.maps[field])  # line 4 (temporary)
             picked[field] = log_probs.gather(1, sampled.long()[:, None]).squeeze(1)
             eligible[field] = rows
         # Batch statistics in ``batch`` mode; running statistics used and left unchanged in ``running`` mode.
         set_training(self.model, False)
         with torch.no_grad():
-            loss = self.example_losses(self._logits(adjusted), valid)  # line 5: L under the sampled sizes
+            logits = self.model([adjusted[f] for f in FIELDS])
+            loss = self.example_losses(logits, valid)  # line 5: L under the sampled sizes
         objective = torch.zeros((), device=self.ctx.device)
         for field in FIELDS:
             ids, _ = self._ids(valid, field)
@@ -260,7 +243,7 @@ class Esapn(SizeSearchMethod):
         for k in range(len(self.sizes) - 1):
             if lookup.counts[k]:
                 new_values[k + 1] = maps.step(k, lookup.values[k])
-        store.move(lookup.entry_ids, new_values, lookup.entry_size + 1)
+        store.move_up(lookup, new_values)
 
     def train_model(self, batch: StreamBatch) -> torch.Tensor:
         """Algorithm 1 line 10: one step on the current batch (Eq. 3 or 4), then the losses enter the FIFOs."""

@@ -304,6 +304,14 @@ class MixedDimEmbedding:
             self.slot_of[new] = slots
         return new
 
+    def _place(self, k: int, ids: torch.Tensor, values: torch.Tensor | None) -> None:
+        """Store unique ``ids`` (none of them holding a slot) at size k with ``values``."""
+        assert values is not None and values.shape == (ids.numel(), self.sizes[k])
+        slots = self._reserve(k, int(ids.numel()))
+        self.tables[k][slots] = values.to(self.tables[k].dtype)
+        self.size_of[ids] = k
+        self.slot_of[ids] = slots
+
     def move(self, ids: torch.Tensor, values_by_size: Sequence[torch.Tensor | None], target: torch.Tensor) -> None:
         """Move stored, unique ``ids`` to size index ``target`` (same length), with the given new values.
 
@@ -323,17 +331,22 @@ class MixedDimEmbedding:
         by_target = torch.sort(target, stable=True).indices  # stable: ids[target == k] in order
         start = 0
         for k, c in enumerate(arriving):
-            if c == 0:
-                continue
-            rows = by_target[start:start + c]
-            start += c
-            slots = self._reserve(k, c)
-            values = values_by_size[k]
-            assert values is not None and values.shape == (c, self.sizes[k])
-            self.tables[k][slots] = values.to(self.tables[k].dtype)
-            moved = ids[rows]
-            self.size_of[moved] = k
-            self.slot_of[moved] = slots
+            if c:
+                self._place(k, ids[by_target[start:start + c]], values_by_size[k])
+                start += c
+
+    def move_up(self, lookup: Lookup, values_by_size: Sequence[torch.Tensor | None]) -> None:
+        """:meth:`move` for the entries of a ``distinct`` lookup of stored entities below the top size, each
+        one size up: ``values_by_size[k + 1]`` holds the new values of the entries of size k (in order). The
+        lookup already knows their sizes and slots, so nothing is read back or sorted."""
+        if not (lookup.distinct and lookup.all_stored) or lookup.counts[-1]:
+            raise ValueError("move_up needs a distinct lookup of stored entities below the top size")
+        for k, c in enumerate(lookup.counts):
+            if c:
+                self._release(k, lookup.slots[k])
+        for k, c in enumerate(lookup.counts):
+            if c:
+                self._place(k + 1, lookup.entry_ids[lookup.group(k)], values_by_size[k + 1])
 
     # ----------------------------------------------------------------- training
 
@@ -433,23 +446,33 @@ class ChainedMaps(nn.Module):
         """One map, size index k -> k+1 (the initialisation of an enlarged embedding)."""
         return self.maps[k](values)
 
-    def forward(self, lookup: Lookup) -> torch.Tensor:
-        """``[batch, d_n]`` in batch order: entries of size k pass maps k, k+1, ..., n-1.
-
-        Entries are processed smallest size first, each level's entries joining the running block before the
-        next map, so each map runs once per batch on every entry below it; rows then gather their entry's.
-        """
+    def unified(self, values: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``[entries, d_n]``: entries given per size (``values[k]``: ``[count_k, sizes[k]]``) pass maps k, k+1,
+        ..., n-1; entries are processed smallest size first, each level's joining the running block before the
+        next map, so each map runs once on every entry below it. Output rows follow the input order (size 0's
+        entries first)."""
         h: torch.Tensor | None = None
-        for k, values in enumerate(lookup.values):
+        for k, v in enumerate(values):
             if h is not None:
                 h = self.maps[k - 1](h)
-                if values.shape[0]:
-                    h = torch.cat([h, values])
-            elif values.shape[0]:
-                h = values
+                if v.shape[0]:
+                    h = torch.cat([h, v])
+            elif v.shape[0]:
+                h = v
         if h is None:
-            return lookup.values[-1].new_empty(0, self.sizes[-1])
-        return h.index_select(0, lookup.entry_of_row)  # index_select: a much faster gather (and backward) than h[...]
+            return values[-1].new_empty(0, self.sizes[-1])
+        return h
+
+    def enlarged(self, values: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``[entries below the top size, d_n]``: each such entry enlarged one size, ``W_{k->k+1} e + b`` (Eq. 1),
+        then mapped up from k+1 — in the input order (the top size's entries, last, are left out)."""
+        up = [self.step(k, v) if v.shape[0] else v.new_empty(0, self.sizes[k + 1]) for k, v in enumerate(values[:-1])]
+        return self.unified([values[0][:0], *up])
+
+    def forward(self, lookup: Lookup) -> torch.Tensor:
+        """``[batch, d_n]`` in batch order: each row gets its entry's unified embedding."""
+        # index_select: a much faster gather (and backward) than h[...]
+        return self.unified(lookup.values).index_select(0, lookup.entry_of_row)
 
 
 class SoftSizeTables(nn.Module):
