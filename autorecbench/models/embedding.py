@@ -130,12 +130,6 @@ class Lookup:
         return self.values[k][int(self.entry_of_row[row]) - self.group(k).start]
 
 
-def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
-    out = torch.empty_like(perm)
-    out[perm] = torch.arange(perm.shape[0], device=perm.device, dtype=perm.dtype)
-    return out
-
-
 class MixedDimEmbedding:
     """One embedding per entity at its current size; per-size tables with slots allocated on demand."""
 
