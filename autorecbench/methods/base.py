@@ -26,6 +26,7 @@ from torch import nn
 from autorecbench.data.schema import Schema, TaskSpec
 from autorecbench.data.stream import StreamBatch, StreamHistory
 from autorecbench.errors import UserError
+from autorecbench.models.rating import output_probabilities
 
 if TYPE_CHECKING:
     from autorecbench.data.offline import OfflineBatch
@@ -105,16 +106,28 @@ class StreamingMethod(Method):
     def learn(self, batch: StreamBatch, history: StreamHistory) -> torch.Tensor | None:
         """One update on ``batch``; may draw validation rows from ``history``. Returns the training loss."""
 
+    def shares_forward_pass(self) -> bool:
+        """Whether :meth:`learn_with_logits`' forward pass computes exactly the outputs :meth:`predict` would —
+        same parameters, and batch-norm with the batch's own statistics (``model.batch_norm=batch``), the same
+        in both modes. False by default."""
+        return False
+
+    def learn_with_logits(self, batch: StreamBatch, history: StreamHistory) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`learn`, also returning the logits of its training forward pass, taken before any update of
+        the parameters they use (methods whose :meth:`shares_forward_pass` can be true implement it)."""
+        raise NotImplementedError
+
     def predict_and_learn(self, batch: StreamBatch, history: StreamHistory) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Test then train on one batch (what the streaming runner calls): the predictions for ``batch`` made
         before learning from it, and the training loss.
 
-        By default :meth:`predict` (without gradients), then :meth:`learn`. A method whose training forward
-        pass computes exactly the outputs :meth:`predict` would — same parameters, and batch-norm with the
-        batch's own statistics, as ``model.batch_norm=batch`` has in both — may override this to take the
-        predictions from that pass (one forward pass per batch instead of two; the official ESAPN code does
-        the same). The predictions must come from the pass before any update of the parameters they use.
+        Where :meth:`shares_forward_pass`, the predictions come from the training forward pass (one pass per
+        batch instead of two; the official ESAPN code does the same); else :meth:`predict` (without
+        gradients), then :meth:`learn`.
         """
+        if self.shares_forward_pass():
+            logits, loss = self.learn_with_logits(batch, history)
+            return output_probabilities(self.ctx.task, logits), loss
         with torch.no_grad():
             predicted = self.predict(batch)
         return predicted, self.learn(batch, history)

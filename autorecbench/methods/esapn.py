@@ -30,7 +30,7 @@ One ``learn`` call is one iteration of Algorithm 1:
 and then predicts; both give the same prediction, because chaining from e_k equals chaining from
 W_{k->k+1} e_k + b (Eq. 1) — which is also why the reward of line 5 does not depend on the sampled action at
 the moment it is computed (a property of the method as published, recorded here, not changed). The
-streaming runner's test-then-train step (:meth:`Esapn.predict_and_learn`) therefore takes, with
+streaming runner's test-then-train step (``predict_and_learn``) therefore takes, with
 ``model.batch_norm=batch``, the predictions from line 10's forward pass like the official code: one pass of
 the rating model per batch for both.
 
@@ -110,13 +110,13 @@ def adjusted_unified(lookup: Lookup, enlarge: torch.Tensor, maps: ChainedMaps) -
     adjusted by its own action — rows with ``enlarge`` set (and below the top size) use their entity's
     embedding enlarged one size, ``W_{k->k+1} e + b`` (Eq. 1), mapped up from k+1; the others their current
     one. Both variants are computed once per distinct entity of ``lookup``; the store is not touched."""
-    current = maps.unified(lookup.values)
-    below = int(current.shape[0]) - lookup.counts[-1]  # entries below the top size come first
-    up = maps.enlarged(lookup.values)
     entry = lookup.entry_of_row
-    moving = enlarge & (entry < below)
-    rows_up = up.index_select(0, entry.clamp(max=max(below - 1, 0))) if below else current.index_select(0, entry)
-    return torch.where(moving[:, None], rows_up, current.index_select(0, entry))
+    current = maps.unified(lookup.values).index_select(0, entry)
+    below = sum(lookup.counts[:-1])  # entries below the top size come first
+    if below == 0:
+        return current
+    up = maps.enlarged(lookup.values).index_select(0, entry.clamp(max=below - 1))
+    return torch.where((enlarge & (entry < below))[:, None], up, current)
 
 
 @register_method
@@ -245,12 +245,9 @@ class Esapn(SizeSearchMethod):
                 new_values[k + 1] = maps.step(k, lookup.values[k])
         store.move_up(lookup, new_values)
 
-    def train_model(self, batch: StreamBatch) -> torch.Tensor:
-        """Algorithm 1 line 10: one step on the current batch (Eq. 3 or 4), then the losses enter the FIFOs."""
-        return self._train_step(batch)[1]
-
-    def _train_step(self, batch: StreamBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`train_model`, also returning the logits of its forward pass (before the step)."""
+    def train_model(self, batch: StreamBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Algorithm 1 line 10: one step on the current batch (Eq. 3 or 4), then the losses enter the FIFOs.
+        Returns the logits of its forward pass (before the step) and the loss."""
         set_training(self.model, True)
         lookups = {}
         for field in FIELDS:
@@ -272,26 +269,22 @@ class Esapn(SizeSearchMethod):
             self.by_frequency[field].add(freq, F.one_hot(lookup.size_index, len(self.sizes)))
         return logits.detach(), loss.detach()
 
-    def _iteration(self, batch: StreamBatch, history: StreamHistory) -> tuple[torch.Tensor, torch.Tensor]:
+    def learn_with_logits(self, batch: StreamBatch, history: StreamHistory) -> tuple[torch.Tensor, torch.Tensor]:
         """One iteration of Algorithm 1; returns the logits of line 10's forward pass and the loss."""
         valid = self.validation_batch(batch, history)
         if valid is not None:
             self.policy_step(valid)
         self.select_sizes(batch)
-        return self._train_step(batch)
+        return self.train_model(batch)
 
     def learn(self, batch: StreamBatch, history: StreamHistory) -> torch.Tensor:
-        return self._iteration(batch, history)[1]
+        return self.learn_with_logits(batch, history)[1]
 
-    def predict_and_learn(self, batch: StreamBatch, history: StreamHistory) -> tuple[torch.Tensor, torch.Tensor]:
-        """With ``model.batch_norm=batch`` the predictions are the outputs of line 10's forward pass, before
-        its update: the policy step changes only the policies, and line 8-9's enlargements leave every
-        unified embedding unchanged (Eq. 1 chained), so they equal ``predict``'s (up to float rounding) —
-        the official code predicts from that pass too. One rating-model pass per batch instead of two."""
-        if self.batch_norm != "batch":
-            return super().predict_and_learn(batch, history)
-        logits, loss = self._iteration(batch, history)
-        return output_probabilities(self.ctx.task, logits), loss
+    def shares_forward_pass(self) -> bool:
+        """With ``model.batch_norm=batch`` line 10's forward pass gives ``predict``'s outputs (up to float
+        rounding): the policy step changes only the policies, and line 8-9's enlargements leave every unified
+        embedding unchanged (Eq. 1 chained) — the official code predicts from that pass too."""
+        return self.batch_norm == "batch"
 
     # ------------------------------------------------------------------ reports
 

@@ -67,7 +67,7 @@ class Fixed(StreamingMethod):
         set_training(self.model, False)
         return output_probabilities(self.ctx.task, self._logits(batch))
 
-    def _train_step(self, batch: StreamBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def learn_with_logits(self, batch: StreamBatch, history: StreamHistory) -> tuple[torch.Tensor, torch.Tensor]:
         """One Adam step on ``batch``; returns the logits of the forward pass (before the step) and the loss."""
         set_training(self.model, True)
         self.optimizer.zero_grad()
@@ -78,15 +78,10 @@ class Fixed(StreamingMethod):
         return logits.detach(), loss.detach()
 
     def learn(self, batch: StreamBatch, history: StreamHistory) -> torch.Tensor:
-        return self._train_step(batch)[1]
+        return self.learn_with_logits(batch, history)[1]
 
-    def predict_and_learn(self, batch: StreamBatch, history: StreamHistory) -> tuple[torch.Tensor, torch.Tensor]:
-        """With ``model.batch_norm=batch`` the training forward pass computes exactly what ``predict`` would
-        (batch statistics in both modes): its outputs are the predictions, one pass per batch."""
-        if self.ctx.model_cfg.get("batch_norm") != "batch":
-            return super().predict_and_learn(batch, history)
-        logits, loss = self._train_step(batch)
-        return output_probabilities(self.ctx.task, logits), loss
+    def shares_forward_pass(self) -> bool:
+        return self.ctx.model_cfg.get("batch_norm") == "batch"
 
     def memory(self) -> MemoryReport:
         tables = (self.user_table.weight, self.item_table.weight)

@@ -137,7 +137,6 @@ class StreamingRunner:
                 predictions[start:end] = predicted
                 if self.hook:
                     self.hook("predicted", batch, predicted)
-                if self.hook:
                     self.hook("learned", batch, loss)
                 history.advance(batch)
                 if self.progress:
