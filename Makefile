@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
+# e.g. BENCH_ARGS="--repeat 5 --methods fixed,esapn --optimizers lazy" (see python -m autorecbench.bench --help)
+BENCH_ARGS ?=
 SHARED_ML_LATEST_SMALL ?= ../shared/data/ml-latest-small
 
 .PHONY: setup test test-slow test-gpu bench clean-results help reproduce-table1 reproduce-autoloss-table2
@@ -47,7 +49,7 @@ test-gpu:
 	$(BIN)/python -m pytest -m gpu -q
 
 bench:
-	$(BIN)/python -m autorecbench.bench
+	$(BIN)/python -m autorecbench.bench $(BENCH_ARGS)
 	$(BIN)/python -m autorecbench.bench_ctr
 
 # ESAPN paper Table 1: FIXED, DARTS, AutoEmb, ESAPN x binary, multiclass x DATA (default: ml-20m,ml-latest).

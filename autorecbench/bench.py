@@ -7,6 +7,11 @@ test-then-train loop, peak resident memory, CUDA peak memory, and the bytes the 
 their optimiser state really allocate.
 
     python -m autorecbench.bench [--rows 1000000] [--device auto] [--methods fixed] [--optimizers lazy,dense]
+                                 [--repeat 3]
+
+With ``--repeat N`` every configuration runs N times, in rounds (each round runs them all in turn); the table
+shows the median and range of interactions/s and, per method, the median over rounds of FIXED's throughput
+divided by the method's (both measured in the same round).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -91,6 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--task", default="binary")
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--root", default=None, help="folder for the synthetic data (default: a temporary one)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds over all configurations (interleaved); the table shows medians and ranges")
     parser.add_argument("--json", action="store_true", help="print one JSON object per configuration")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
@@ -107,39 +115,56 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = args.root or tmp
-        rows_out = []
-        for method in args.methods.split(","):
-            for optimizer in args.optimizers.split(","):
-                rows = args.rows if optimizer == "lazy" else min(args.rows, args.dense_rows)
-                cmd = [sys.executable, "-m", "autorecbench.bench", "--one", f"--method={method}",
-                       f"--optimizer={optimizer}", f"--rows={rows}", f"--users={args.users}",
-                       f"--items={args.items}", f"--device={args.device}", f"--task={args.task}",
-                       f"--batch-size={args.batch_size}", f"--root={root}"]
-                console.print(f"[dim]running {method} ({optimizer} Adam) on {rows:,} rows …[/]")
-                done = subprocess.run(cmd, capture_output=True, text=True)
-                if done.returncode != 0:
-                    console.print(f"[red]{method}/{optimizer} failed:[/]\n{done.stderr[-2000:]}")
-                    continue
-                result = json.loads(done.stdout.strip().splitlines()[-1])
-                rows_out.append(result)
-                if args.json:
-                    print(json.dumps(result))
+        runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        # Rounds run every configuration once, in turn: on a machine whose speed drifts, configurations
+        # measured in the same round are comparable, and medians over rounds are robust.
+        for round_ in range(args.repeat):
+            for method in args.methods.split(","):
+                for optimizer in args.optimizers.split(","):
+                    rows = args.rows if optimizer == "lazy" else min(args.rows, args.dense_rows)
+                    cmd = [sys.executable, "-m", "autorecbench.bench", "--one", f"--method={method}",
+                           f"--optimizer={optimizer}", f"--rows={rows}", f"--users={args.users}",
+                           f"--items={args.items}", f"--device={args.device}", f"--task={args.task}",
+                           f"--batch-size={args.batch_size}", f"--root={root}"]
+                    label = f" (round {round_ + 1}/{args.repeat})" if args.repeat > 1 else ""
+                    console.print(f"[dim]running {method} ({optimizer} Adam) on {rows:,} rows{label} …[/]")
+                    done = subprocess.run(cmd, capture_output=True, text=True)
+                    if done.returncode != 0:
+                        console.print(f"[red]{method}/{optimizer} failed:[/]\n{done.stderr[-2000:]}")
+                        continue
+                    result = json.loads(done.stdout.strip().splitlines()[-1])
+                    result["round"] = round_
+                    runs.setdefault((method, optimizer), []).append(result)
+                    if args.json:
+                        print(json.dumps(result))
     if args.json:
         return
     mib = 2**20
     table = Table(title=f"Streaming throughput, synthetic stream, id spaces {args.users:,} users x {args.items:,} items")
-    for col in ("method", "Adam", "device", "rows", "interactions/s", "stream s", "peak RSS MiB",
-                "CUDA peak MiB", "embedding MiB", "optimizer state MiB"):
+    columns = ["method", "Adam", "device", "rows", "interactions/s", "FIXED / method", "stream s", "peak RSS MiB",
+               "CUDA peak MiB", "embedding MiB", "optimizer state MiB"]
+    for col in columns:
         table.add_column(col, justify="right" if col not in ("method", "Adam", "device") else "left")
-    for r in rows_out:
+    for (method, optimizer), results in runs.items():
+        r = results[-1]
+        speeds = [x["interactions_per_second"] for x in results]
+        speed = f"{statistics.median(speeds):,.0f}"
+        if len(speeds) > 1:
+            speed += f" ({min(speeds):,.0f}–{max(speeds):,.0f})"
+        # FIXED's throughput over this method's, per round (same round: same machine state), median.
+        fixed = {x["round"]: x["interactions_per_second"] for x in runs.get(("fixed", optimizer), [])}
+        ratios = [fixed[x["round"]] / x["interactions_per_second"] for x in results if x["round"] in fixed]
+        ratio = f"{statistics.median(ratios):.2f}×" if ratios and method != "fixed" else "–"
         table.add_row(
-            r["method"], r["optimizer"], r["gpu"] or r["device"], f"{r['rows']:,}", f"{r['interactions_per_second']:,.0f}",
+            method, optimizer, r["gpu"] or r["device"], f"{r['rows']:,}", speed, ratio,
             f"{r['stream_seconds']:.1f}", f"{r['peak_rss_bytes'] / mib:,.0f}",
             "–" if r["cuda_peak_bytes"] is None else f"{r['cuda_peak_bytes'] / mib:,.0f}",
             f"{r['embedding_bytes'] / mib:,.1f}", f"{r['embedding_optimizer_bytes'] / mib:,.1f}",
         )
     console.print(table)
-    console.print(f"torch threads: {rows_out[0]['torch_threads'] if rows_out else '?'}; batch size {args.batch_size}")
+    first = next(iter(runs.values()), [{}])[0]
+    rounds = f"; median (min–max) of {args.repeat} rounds" if args.repeat > 1 else ""
+    console.print(f"torch threads: {first.get('torch_threads', '?')}; batch size {args.batch_size}{rounds}")
 
 
 if __name__ == "__main__":

@@ -88,6 +88,15 @@ def test_never_stored_entities_read_the_values_they_will_be_stored_with() -> Non
     assert torch.equal(mixed.values[0][1], s.initial_values(torch.tensor([13]), 0)[0])
 
 
+def test_mulmod32_matches_integer_arithmetic() -> None:
+    from autorecbench.models.embedding import _mulmod32
+
+    x = torch.cat([torch.randint(0, 2**32, (10000,), generator=torch.Generator().manual_seed(0)),
+                   torch.tensor([0, 1, 2**31 - 1, 2**31, 2**32 - 1])])
+    for c in (0x7FEB352D, 0x846CA68B, 2**31, 2**32 - 1, 3):
+        assert _mulmod32(x, c).tolist() == [(v * c) % 2**32 for v in x.tolist()]
+
+
 def test_hashed_normal_is_a_deterministic_standard_normal() -> None:
     rows = torch.arange(20000)
     a = hashed_normal(0, 1, rows, 8, 1.0)
@@ -216,3 +225,41 @@ def test_move_up_from_a_lookup_equals_move() -> None:
     assert a.size_of[[7, 2, 9, 3]].tolist() == [1, 2, 1, 2]
     with pytest.raises(ValueError):
         a.move_up(a.lookup(ids), values)  # a row lookup
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_flat_adam_equals_torch_adam_with_zeroed_gradients(fused: bool) -> None:
+    """FlatAdam (one flat buffer per quantity) steps like torch.optim.Adam with ``zero_grad(set_to_none=False)``:
+    gradients land in the flat buffer, a parameter that gets no gradient in a step moves on its momentum, and a
+    gradient someone replaced is taken over."""
+    from autorecbench.optim import FlatAdam
+
+    def net() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 2), torch.nn.Linear(2, 2))
+
+    mine, theirs = net(), net()
+    flat = FlatAdam(mine.parameters(), lr=1e-2)
+    flat._fused = fused
+    ref = torch.optim.Adam(theirs.parameters(), lr=1e-2, fused=True)
+    x = torch.randn(11, 5, generator=torch.Generator().manual_seed(1))
+    for step in range(6):
+        for model, opt in ((mine, flat), (theirs, ref)):
+            opt.zero_grad(set_to_none=False)
+            out = model[2](model[1](model[0](x)))
+            if step < 3:
+                out = model[3](out)  # from step 3 on, model[3] gets no gradient
+            (out ** 2).sum().backward()
+            if step == 4 and model is mine:
+                model[0].bias.grad = model[0].bias.grad.clone()  # replaced: FlatAdam copies it back in
+            opt.step()
+        if step == 0:
+            assert torch.equal(flat.grad[: mine[0].weight.numel()], mine[0].weight.grad.reshape(-1))
+        for a, b in zip(mine.parameters(), theirs.parameters()):
+            assert torch.allclose(a, b, atol=1e-6), step
+        assert torch.allclose(flat.state[mine[0].weight]["exp_avg"], ref.state[theirs[0].weight]["exp_avg"])
+    moved = mine[3].weight.detach().clone()
+    flat.zero_grad()
+    flat.step()
+    assert not torch.equal(mine[3].weight, moved)  # no gradient, still moving on its momentum
+    assert mine[0].weight.data_ptr() == flat.flat.data_ptr()

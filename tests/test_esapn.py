@@ -11,7 +11,7 @@ from autorecbench.config import compose
 from autorecbench.data.schema import TaskSpec
 from autorecbench.data.stream import StreamHistory, load_stream, within_batch_rank
 from autorecbench.methods.base import MethodContext, method_class
-from autorecbench.methods.esapn import ENLARGE, LossQueue, adjusted_unified
+from autorecbench.methods.esapn import ENLARGE, LossQueue, PolicyStates, adjusted_unified
 from autorecbench.methods.sizesearch import last_rows
 from conftest import make_streaming_method, prepare_synthetic
 
@@ -144,6 +144,52 @@ def test_adjusted_rows_use_the_enlarged_embedding_through_w(prepared) -> None:
         assert torch.allclose(got, maps(lookup), atol=1e-5)  # Eq. 1 chained: the same unified embeddings
 
 
+@pytest.mark.parametrize("batch_norm", ["batch", "running"])
+@pytest.mark.parametrize("training", [True, False])
+def test_policy_per_distinct_state_equals_the_policy_per_row(prepared, batch_norm: str, training: bool) -> None:
+    """The policy runs once per distinct (frequency, size) state, its batch-norms weighing states by their
+    row counts: every row's logits, the parameter gradients of a per-row loss and the running statistics equal
+    those of the per-row network (the official code's way)."""
+    one, two = (make(prepared, model_overrides={"batch_norm": batch_norm}) for _ in range(2))
+    stream, history = warm(one, prepared, 3)
+    warm(two, prepared, 3)
+    batch = history.last_batch()
+    for field in ("user", "item"):
+        ids, freq = one._ids(batch, field)
+        size = one.stores[field].size_index(ids)
+        states = PolicyStates.of(one.policies[field], freq, size, len(one.sizes))
+        assert len(states.counts) < len(ids) and int(states.counts.sum()) == len(ids)
+        per_state = states.logits(one.policies[field].train(training))
+        per_row = two.policies[field].train(training)(freq, torch.nn.functional.one_hot(size, 6).float())
+        assert torch.allclose(per_state.index_select(0, states.inverse), per_row, atol=1e-5)
+        weights = torch.linspace(-1, 1, len(ids))[:, None]
+        (per_state.index_select(0, states.inverse) * weights).sum().backward()
+        (per_row * weights).sum().backward()
+        for a, b in zip(one.policies[field].parameters(), two.policies[field].parameters()):
+            assert torch.allclose(a.grad, b.grad, atol=1e-4, rtol=1e-4)
+        for a, b in zip(one.policies[field].buffers(), two.policies[field].buffers()):
+            assert torch.allclose(a.float(), b.float(), atol=1e-5)
+
+
+@pytest.mark.parametrize("batch_norm", ["batch", "running"])
+def test_rating_model_on_some_rows_equals_those_rows_of_the_full_batch(batch_norm: str) -> None:
+    """The reward pass (line 5) runs the rating model's layers after batch-norm on the rows that took a decision
+    only; batch-norm statistics still come from every row."""
+    from autorecbench.models.rating import RatingMLP
+
+    torch.manual_seed(0)
+    model = RatingMLP(2, 16, 5, hidden=(32,), batch_norm=batch_norm)
+    fields = [torch.randn(40, 16) * 3 + 1, torch.randn(40, 16)]
+    rows = torch.tensor([3, 0, 17, 39, 22])
+    for training in (True, False):
+        model.train(training)
+        with torch.no_grad():
+            full = model(fields)
+            assert torch.allclose(model(fields, rows=rows), full[rows], atol=1e-6)
+            if training or batch_norm == "batch":  # statistics of the 5 rows alone would differ
+                assert not torch.allclose(model([f[rows] for f in fields]), full[rows], atol=1e-3)
+
+
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_reinforce_moves_the_policy_towards_rewarded_actions(prepared, sign: float) -> None:
     """Positive reward for the sampled action ("enlarge" everywhere) raises π(enlarge|s); negative lowers it.
@@ -164,7 +210,8 @@ def test_reinforce_moves_the_policy_towards_rewarded_actions(prepared, sign: flo
         size = method.stores[field].size_index(ids)
         policy = method.policies[field].eval()
         with torch.no_grad():
-            probs = torch.softmax(policy(freq, method._state(field, size)), dim=1)[:, ENLARGE]
+            one_hot = torch.nn.functional.one_hot(size, len(method.sizes)).float()
+            probs = torch.softmax(policy(freq, one_hot), dim=1)[:, ENLARGE]
         return probs[size < len(method.sizes) - 1]
 
     before = {f: log_p_enlarge(f) for f in ("user", "item")}

@@ -110,3 +110,40 @@ def test_cpu_tanh_through_the_logistic_function_matches_torch_tanh() -> None:
     a.grad = None
     torch.tanh(a).pow(3).sum().backward()
     assert torch.allclose(mine, a.grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("track", [False, True])
+def test_count_weighted_batch_norm_equals_batch_norm_on_the_expanded_rows(track: bool) -> None:
+    """Distinct rows with counts: outputs, input/affine gradients and running statistics equal those of
+    ``nn.BatchNorm1d`` on the batch with every row repeated its count (autorecbench.models.norm)."""
+    from autorecbench.models.norm import _WeightedBatchNorm, batch_norm
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    counts = torch.tensor([1, 3, 1, 2, 5, 1, 1, 4, 2])
+    upstream = torch.randn(int(counts.sum()), 5, generator=gen, dtype=torch.float64)
+    inverse = torch.repeat_interleave(torch.arange(9), counts)[torch.randperm(int(counts.sum()), generator=gen)]
+    mine, theirs = (torch.nn.BatchNorm1d(5, track_running_stats=track).double() for _ in range(2))
+    for m in (mine, theirs):
+        with torch.no_grad():
+            m.weight.copy_(torch.linspace(0.5, 2, 5))
+            m.bias.copy_(torch.linspace(-1, 1, 5))
+    expanded = theirs(x[inverse])
+    (expanded * upstream).sum().backward()
+    want = [x.grad.clone(), theirs.weight.grad, theirs.bias.grad]
+    x.grad = None
+    weighted = batch_norm(mine, x, counts)
+    assert torch.allclose(weighted[inverse], expanded, atol=1e-12)
+    (weighted[inverse] * upstream).sum().backward()
+    for got, expected in zip([x.grad, mine.weight.grad, mine.bias.grad], want):
+        assert torch.allclose(got, expected, atol=1e-10)
+    if track:
+        assert torch.allclose(mine.running_mean, theirs.running_mean)
+        assert torch.allclose(mine.running_var, theirs.running_var)
+        assert int(mine.num_batches_tracked) == 1
+        mine.eval(), theirs.eval()
+        assert torch.allclose(batch_norm(mine, x, counts)[inverse], theirs(x[inverse]))  # running statistics
+    p = (counts / counts.sum()).double()
+    gamma = torch.rand(5, dtype=torch.float64, requires_grad=True)
+    beta = torch.rand(5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, g, b: _WeightedBatchNorm.apply(a, p, g, b, 1e-5)[0], (x, gamma, beta))

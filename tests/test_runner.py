@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -192,3 +193,22 @@ def test_method_reports_become_parquet_tables(tmp_path) -> None:
     frame = pl.read_parquet(folder.path / "sizes.parquet")
     assert frame.columns == ["run_id", "dataset", "task", "method", "seed", "model", "entity", "size", "count"]
     assert frame["seed"].dtype == pl.Int64 and frame.height == 2
+
+
+def test_bench_runs_rounds_and_reports_medians_and_the_ratio_to_fixed(tmp_path) -> None:
+    """``make bench``'s driver with ``--repeat``: every configuration once per round, medians, FIXED / method."""
+    import json
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "autorecbench.bench", "--rows=1500", "--users=300", "--items=200",
+            "--methods=fixed,esapn", "--optimizers=lazy", "--repeat=2", "--device=cpu", f"--root={tmp_path}"]
+    table = subprocess.run(args, capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "250"})
+    assert table.returncode == 0, table.stderr
+    assert "FIXED / method" in table.stdout and "median (min–max) of 2 rounds" in table.stdout
+    esapn_row = next(line for line in table.stdout.splitlines() if line.lstrip("│ ").startswith("esapn"))
+    assert "×" in esapn_row and "–" in esapn_row  # a ratio and a range
+    lines = subprocess.run([*args, "--json", "--repeat=1"], capture_output=True, text=True, timeout=600).stdout
+    results = [json.loads(line) for line in lines.splitlines() if line.startswith("{")]
+    assert [(r["method"], r["round"]) for r in results] == [("fixed", 0), ("esapn", 0)]
+    assert all(r["rows"] == 1500 and r["interactions_per_second"] > 0 for r in results)

@@ -27,7 +27,7 @@ from autorecbench.data.stream import StreamBatch
 from autorecbench.methods.base import MethodContext, register_method, set_training
 from autorecbench.methods.sizesearch import FIELDS, SoftSelectionMethod, last_rows
 from autorecbench.models.controller import FrequencyEncoder, StateMLP
-from autorecbench.optim import fused_adam, tensor_bytes
+from autorecbench.optim import flat_adam, tensor_bytes
 
 
 @register_method
@@ -46,7 +46,7 @@ class AutoEmb(SoftSelectionMethod):
             for f in FIELDS
         }).to(ctx.device)
         self.previous = {f: torch.zeros(self.n_entities[f], k, device=ctx.device) for f in FIELDS}
-        self.search_optimizer = fused_adam(self.controllers.parameters(), float(cfg.search_lr))
+        self.search_optimizer = flat_adam(self.controllers.parameters(), float(cfg.search_lr))
 
     def weights(self, field: str, batch: StreamBatch, train: bool = False) -> torch.Tensor:
         ids, freq = self._ids(batch, field)

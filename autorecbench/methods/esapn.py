@@ -44,6 +44,8 @@ Choices the paper leaves open, as config values (``conf/method/esapn.yaml``), de
 - ``short_history: mean``: an entity with fewer than T past losses is rewarded against the mean of those it
   has (the official ``ave_loss`` baseline); ``skip`` gives such rows no policy gradient. Validation rows
   always have at least one past loss, since they were trained on.
+- The policy networks run once per distinct state of a batch (:class:`PolicyStates`, exact: batch-norm weighs
+  each state by its row count), not once per row as the official code does.
 - Rows whose entity is at the top size take no decision and are left out of the policy loss (the official
   code counts them as "unchange").
 - The policy loss is reduced like the model's (``model.loss_reduction``: mean as Eq. 6's 1/N, or the
@@ -51,6 +53,11 @@ Choices the paper leaves open, as config values (``conf/method/esapn.yaml``), de
 - ``embedding_optimizer: lazy`` updates the moments and values of the slots a batch touches (see
   :mod:`autorecbench.models.embedding`); ``dense`` is Adam over every stored slot at every step.
 - ``init_std: 1.0``: initial embeddings N(0, 1), as PyTorch's and the official code's tables.
+- The rating model, maps and policies step with :class:`~autorecbench.optim.FlatAdam`: gradients are zeroed,
+  not set to None, between steps (the official code's PyTorch 1.x ``zero_grad()``), so a map that no entity
+  of a batch passes through still takes a step on its momentum.
+- Line 5's loss is computed on the rows that take a decision in some field; batch-norm statistics of the
+  rating model still come from every row of the validation batch (the layers after them are per row).
 - ``capacity_growth: 2.0``, ``min_capacity: 64``: how the per-size tables grow.
 - Batch-norm layers follow ``model.batch_norm``: with ``batch`` they use the batch's statistics (the official
   code); with ``running`` the reward and argmax passes use running statistics and leave them unchanged.
@@ -58,6 +65,7 @@ Choices the paper leaves open, as config values (``conf/method/esapn.yaml``), de
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -70,8 +78,8 @@ from autorecbench.methods.base import MemoryReport, MethodContext, register_meth
 from autorecbench.methods.sizesearch import FIELDS, SizeSearchMethod
 from autorecbench.models.controller import FrequencyEncoder, StateMLP
 from autorecbench.models.embedding import ChainedMaps, Lookup, MixedDimEmbedding
-from autorecbench.models.rating import output_probabilities
-from autorecbench.optim import fused_adam, tensor_bytes
+from autorecbench.models.rating import output_probabilities, per_example_loss
+from autorecbench.optim import flat_adam, tensor_bytes
 
 SHORT_HISTORY = ("mean", "skip")
 UNCHANGE, ENLARGE = 0, 1
@@ -103,6 +111,33 @@ class LossQueue:
 
     def nbytes(self) -> int:
         return tensor_bytes(self.losses) + tensor_bytes(self.count)
+
+
+@dataclass
+class PolicyStates:
+    """The distinct states s = (frequency, current size) of a batch's rows (§2.3.2): the policy runs once per
+    distinct state, with its row count weighing the batch-norm statistics, so every row gets exactly the
+    output it would get on its own row (:func:`autorecbench.models.norm.batch_norm`). A batch of 500 rows
+    holds ~160 distinct states."""
+
+    freq_index: torch.Tensor  # [states] frequency-embedding rows
+    size_index: torch.Tensor  # [states]
+    counts: torch.Tensor  # [states] rows per state
+    inverse: torch.Tensor  # [rows] each row's state
+    one_hot: torch.Tensor  # [states, sizes] float
+
+    @classmethod
+    def of(cls, policy: StateMLP, freq: torch.Tensor, size_index: torch.Tensor, n_sizes: int) -> PolicyStates:
+        key = policy.encoder.index(freq) * n_sizes + size_index
+        distinct, inverse, counts = torch.unique(key, return_inverse=True, return_counts=True)
+        state_size = distinct % n_sizes
+        one_hot = torch.zeros(len(distinct), n_sizes, device=key.device)
+        one_hot.scatter_(1, state_size[:, None], 1.0)
+        return cls(torch.div(distinct, n_sizes, rounding_mode="floor"), state_size, counts, inverse, one_hot)
+
+    def logits(self, policy: StateMLP) -> torch.Tensor:
+        """``[states, 2]``: the policy's logits over {unchange, enlarge} per distinct state."""
+        return policy.from_index(self.freq_index, self.one_hot, counts=self.counts)
 
 
 def adjusted_unified(lookup: Lookup, enlarge: torch.Tensor, maps: ChainedMaps) -> torch.Tensor:
@@ -149,8 +184,8 @@ class Esapn(SizeSearchMethod):
             self.queues[field] = LossQueue(self.n_entities[field], self.window, ctx.device)
         for module in (self.model, self.maps, self.policies):
             module.to(ctx.device)
-        self.model_optimizer = fused_adam([*self.model.parameters(), *self.maps.parameters()], float(cfg.lr))
-        self.policy_optimizer = fused_adam(self.policies.parameters(), float(cfg.search_lr))
+        self.model_optimizer = flat_adam([*self.model.parameters(), *self.maps.parameters()], float(cfg.lr))
+        self.policy_optimizer = flat_adam(self.policies.parameters(), float(cfg.search_lr))
 
     @classmethod
     def check_config(cls, cfg: DictConfig) -> None:
@@ -166,8 +201,8 @@ class Esapn(SizeSearchMethod):
 
     # ------------------------------------------------------------------ pieces
 
-    def _state(self, field: str, size_index: torch.Tensor) -> torch.Tensor:
-        return F.one_hot(size_index, len(self.sizes)).to(torch.float32)
+    def _states(self, field: str, freq: torch.Tensor, size_index: torch.Tensor) -> PolicyStates:
+        return PolicyStates.of(self.policies[field], freq, size_index, len(self.sizes))
 
     def _logits(self, lookups: dict[str, Lookup]) -> torch.Tensor:
         return self.model([self.maps[f](lookups[f]) for f in FIELDS])
@@ -184,10 +219,11 @@ class Esapn(SizeSearchMethod):
         for field in FIELDS:
             ids, freq = self._ids(valid, field)
             lookup = self.stores[field].lookup(ids, distinct=True)
-            policy = set_training(self.policies[field], True)
+            states = self._states(field, freq, lookup.size_index)
             # Only rows below the top size take a decision (the rest get no action, no log-probability).
             rows = (lookup.size_index < top).nonzero().squeeze(1)
-            log_probs = torch.log_softmax(policy(freq, self._state(field, lookup.size_index), rows), dim=1)
+            log_probs = torch.log_softmax(states.logits(set_training(self.policies[field], True)), dim=1)
+            log_probs = log_probs.index_select(0, states.inverse[rows])
             with torch.no_grad():
                 sampled = self.uniform(len(ids))[rows] < log_probs[:, ENLARGE].exp()  # line 3: a ~ π(·|s)
                 action = torch.zeros_like(ids, dtype=torch.bool)
@@ -198,8 +234,19 @@ class Esapn(SizeSearchMethod):
         # Batch statistics in ``batch`` mode; running statistics used and left unchanged in ``running`` mode.
         set_training(self.model, False)
         with torch.no_grad():
-            logits = self.model([adjusted[f] for f in FIELDS])
-            loss = self.example_losses(logits, valid)  # line 5: L under the sampled sizes
+            # line 5: L under the sampled sizes, on the rows that took a decision in some field (all rows still
+            # enter the batch-norm statistics; the layers after them are per row)
+            decided = torch.zeros(len(valid), dtype=torch.bool, device=self.ctx.device)
+            for rows in eligible.values():
+                decided[rows] = True
+            needed = None if bool(decided.all()) else decided.nonzero().squeeze(1)
+            logits = self.model([adjusted[f] for f in FIELDS], rows=needed)
+            if needed is None:
+                loss = self.example_losses(logits, valid)
+            else:
+                label = valid.label.index_select(0, needed)
+                decided_loss = per_example_loss(self.ctx.task, logits, label)
+                loss = logits.new_zeros(len(valid)).index_copy_(0, needed, decided_loss)
         objective = torch.zeros((), device=self.ctx.device)
         for field in FIELDS:
             ids, _ = self._ids(valid, field)
@@ -228,9 +275,10 @@ class Esapn(SizeSearchMethod):
             store = self.stores[field]
             store.ensure(ids)
             size_index = store.size_index(ids)
-            rows = (size_index < top).nonzero().squeeze(1)
-            logits = set_training(self.policies[field], False)(freq, self._state(field, size_index), rows)
-            chosen = torch.unique(ids[rows][logits[:, ENLARGE] > logits[:, UNCHANGE]])
+            states = self._states(field, freq, size_index)
+            logits = states.logits(set_training(self.policies[field], False))
+            says_enlarge = (logits[:, ENLARGE] > logits[:, UNCHANGE]) & (states.size_index < top)
+            chosen = torch.unique(ids[says_enlarge.index_select(0, states.inverse)])
             if chosen.numel():
                 self.enlarge(field, chosen)
 

@@ -7,6 +7,8 @@ Choices the paper leaves open, as config values (``conf/method/fixed.yaml``):
 - ``embedding_optimizer: lazy`` updates only the embedding rows a batch touches (see ``autorecbench.optim``);
   ``dense`` is the paper's plain Adam over all rows. Both use the paper's Adam learning rate 1e-3.
 - ``init_std: 1.0``: tables start N(0, 1), PyTorch's embedding default, which the official code keeps.
+- The rating model's parameters step with :class:`~autorecbench.optim.FlatAdam` (one fused Adam kernel over a
+  flat buffer; gradients zeroed between steps, as the official code's PyTorch 1.x ``zero_grad()``).
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from torch import nn
 
 from autorecbench.errors import UserError
 from autorecbench.models.activations import Tanh
+from autorecbench.models.norm import batch_norm
 from autorecbench.models.rating import embedding_norm
 
 FREQUENCY_ENCODINGS = ("exact", "log2")
@@ -48,7 +49,11 @@ class FrequencyEncoder(nn.Module):
         return torch.floor(torch.log2(capped.to(torch.float64))).to(torch.int64)
 
     def forward(self, freq: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.embedding(self.index(freq)))
+        return self.embed(self.index(freq))
+
+    def embed(self, index: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
+        """From frequency indices (:meth:`index`); ``counts``: see :func:`~autorecbench.models.norm.batch_norm`."""
+        return batch_norm(self.norm, self.embedding(index), counts)
 
 
 class StateMLP(nn.Module):
@@ -64,10 +69,15 @@ class StateMLP(nn.Module):
             nn.Linear(hidden, outputs),
         )
 
-    def forward(self, freq: torch.Tensor, extra: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits for every row, or only for ``rows`` (an index). Batch-norm statistics always come from every
-        row, so the logits of ``rows`` are exactly those of the full batch; the rest of the network (tanh,
-        output layer) runs on ``rows`` only — ESAPN needs no decision for entities already at the top size."""
+    def forward(self, freq: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+        """Logits ``[rows, outputs]``, one row per batch row."""
+        return self.from_index(self.encoder.index(freq), extra)
+
+    def from_index(self, freq_index: torch.Tensor, extra: torch.Tensor,
+                   counts: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`forward` from frequency indices (:meth:`FrequencyEncoder.index`). With ``counts`` each input
+        row stands for that many rows of the batch (distinct states): batch-norm statistics weigh it so, and
+        each output equals the output of every row it stands for (:func:`~autorecbench.models.norm.batch_norm`)."""
         linear, norm, act, out = self.mlp
-        hidden = norm(linear(torch.cat([self.encoder(freq), extra], dim=1)))
-        return out(act(hidden if rows is None else hidden.index_select(0, rows)))
+        hidden = batch_norm(norm, linear(torch.cat([self.encoder.embed(freq_index, counts), extra], dim=1)), counts)
+        return out(act(hidden))

@@ -48,9 +48,11 @@ _M32 = 0xFFFFFFFF
 
 
 def _mulmod32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """``x * c mod 2**32`` for int64 ``x`` in [0, 2**32) without int64 overflow (split c in 16-bit halves)."""
-    lo, hi = c & 0xFFFF, c >> 16
-    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _M32
+    """``x * c mod 2**32`` for int64 ``x`` in [0, 2**32) and ``c`` < 2**32 without int64 overflow: for
+    c >= 2**31, ``x c = x (c - 2**31) + x 2**31`` and ``x 2**31 mod 2**32`` is the low bit of x shifted up."""
+    if c < 2**31:
+        return (x * c) & _M32
+    return (x * (c - 2**31) + ((x & 1) << 31)) & _M32
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -88,6 +90,12 @@ def hashed_normal(seed: int, stream: int, rows: torch.Tensor, dim: int, std: flo
     return z.mul_(std).to(torch.float32)
 
 
+def group_slice(counts: Sequence[int], k: int) -> slice:
+    """Positions of group k when groups of ``counts`` follow each other."""
+    start = sum(counts[:k])
+    return slice(start, start + counts[k])
+
+
 @dataclass
 class Lookup:
     """A batch's ids grouped by embedding size.
@@ -121,8 +129,7 @@ class Lookup:
 
     def group(self, k: int) -> slice:
         """Entry positions of size k."""
-        start = sum(self.counts[:k])
-        return slice(start, start + self.counts[k])
+        return group_slice(self.counts, k)
 
     def row_value(self, row: int) -> torch.Tensor:
         """The stored-size value of batch row ``row``."""
@@ -213,24 +220,19 @@ class MixedDimEmbedding:
         entry_ids = member_of_entry if distinct else ids[member_of_entry]
         counts = torch.bincount(entry_size, minlength=self.n_sizes).tolist()
         all_stored = not bool(unstored.any())
-        slots, values, start = [], [], 0
-        for k, c in enumerate(counts):
+        slots = list(torch.split(self.slot_of.index_select(0, entry_ids), counts))
+        values = []
+        for k, (c, slot) in enumerate(zip(counts, slots)):
+            table = self.tables[k]
             if c == 0:
-                slots.append(self.slot_of.new_empty(0))
-                values.append(self.tables[k].new_empty(0, self.sizes[k]))
-                continue
-            ids_k = entry_ids[start:start + c]
-            start += c
-            slot = self.slot_of[ids_k]
-            if all_stored or k != self.initial_size:
-                vals = self.tables[k].index_select(0, slot)
+                values.append(table.new_empty(0, self.sizes[k]))
+            elif all_stored or k != self.initial_size:
+                values.append(table.index_select(0, slot))
             else:  # entities never stored (all at the initial size) read their initial values
                 missing = (slot < 0).nonzero().squeeze(1)
-                table = self.tables[k]
                 vals = table.index_select(0, slot.clamp_min(0)) if self.capacity(k) else table.new_empty(c, self.sizes[k])
-                vals[missing] = self.initial_values(ids_k[missing], k)
-            slots.append(slot)
-            values.append(vals)
+                vals[missing] = self.initial_values(entry_ids[group_slice(counts, k)][missing], k)
+                values.append(vals)
         return Lookup(ids, size_index, entry_ids, entry_size, entry_of_row, row_of_entry, counts, slots, values,
                       all_stored)
 

@@ -63,10 +63,14 @@ class RatingMLP(nn.Module):
         if any(int(h) < 1 for h in cfg.hidden):
             raise UserError(f"model.hidden sizes must be >= 1, got {list(cfg.hidden)}")
 
-    def forward(self, fields: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Logits ``[batch, n_outputs]`` from one ``[batch, dim]`` embedding per field."""
-        normed = [tanh(norm(e)) for norm, e in zip(self.norms, fields)]
-        return self.mlp(torch.cat(normed, dim=1))
+    def forward(self, fields: Sequence[torch.Tensor], rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[batch, n_outputs]`` from one ``[batch, dim]`` embedding per field; with ``rows`` (an index)
+        the logits of those rows only, exactly as in the full batch: the batch-norm statistics come from every
+        row, the layers after them work row by row."""
+        normed = [norm(e) for norm, e in zip(self.norms, fields)]
+        if rows is not None:
+            normed = [x.index_select(0, rows) for x in normed]
+        return self.mlp(torch.cat([tanh(x) for x in normed], dim=1))
 
 
 def output_probabilities(task: TaskSpec, logits: torch.Tensor) -> torch.Tensor:
