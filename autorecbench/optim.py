@@ -105,10 +105,13 @@ class FlatAdam:
         b1, b2 = self.betas
         if self._fused:
             self._step.fill_(self.step_count)
-            torch._fused_adam_([self.flat], [self.grad], [self.exp_avg], [self.exp_avg_sq], [], [self._step],
-                               amsgrad=False, lr=self.lr, beta1=b1, beta2=b2, weight_decay=0.0, eps=self.eps,
-                               maximize=False)
-            return
+            try:
+                torch._fused_adam_([self.flat], [self.grad], [self.exp_avg], [self.exp_avg_sq], [], [self._step],
+                                   amsgrad=False, lr=self.lr, beta1=b1, beta2=b2, weight_decay=0.0, eps=self.eps,
+                                   maximize=False)
+                return
+            except (RuntimeError, NotImplementedError):  # no fused kernel for this device in this torch build
+                self._fused = False
         self.exp_avg.lerp_(self.grad, 1 - b1)
         self.exp_avg_sq.mul_(b2).addcmul_(self.grad, self.grad, value=1 - b2)
         denom = self.exp_avg_sq.sqrt().div_(math.sqrt(1 - b2**self.step_count)).add_(self.eps)

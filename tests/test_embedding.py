@@ -263,3 +263,24 @@ def test_flat_adam_equals_torch_adam_with_zeroed_gradients(fused: bool) -> None:
     flat.step()
     assert not torch.equal(mine[3].weight, moved)  # no gradient, still moving on its momentum
     assert mine[0].weight.data_ptr() == flat.flat.data_ptr()
+
+
+def test_flat_adam_falls_back_when_the_fused_kernel_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from autorecbench.optim import FlatAdam
+
+    def missing(*args, **kwargs):
+        raise NotImplementedError("no fused Adam kernel for this device")
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    b.load_state_dict(a.state_dict())
+    fused, plain = FlatAdam(a.parameters(), 1e-2), FlatAdam(b.parameters(), 1e-2)
+    plain._fused = False
+    monkeypatch.setattr(torch, "_fused_adam_", missing)
+    x = torch.randn(4, 3)
+    for _ in range(2):
+        for opt, layer in ((fused, a), (plain, b)):
+            opt.zero_grad()
+            layer(x).sum().backward()
+            opt.step()
+    assert not fused._fused and torch.allclose(a.weight, b.weight) and not torch.equal(a.weight, torch.zeros(2, 3))

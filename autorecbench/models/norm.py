@@ -58,12 +58,12 @@ def batch_norm(module: nn.BatchNorm1d, x: torch.Tensor, counts: torch.Tensor | N
     if module.weight is None:
         raise ValueError("weighted batch-norm needs an affine module")
     total = counts.sum()
-    normed, mean, var = _WeightedBatchNorm.apply(x, counts.to(x.dtype) / total, module.weight, module.bias,
-                                                 module.eps)
+    out, mean, var = _WeightedBatchNorm.apply(x, counts.to(x.dtype) / total, module.weight, module.bias,
+                                              module.eps)
     if module.training and module.running_mean is not None:
         with torch.no_grad():
             module.num_batches_tracked.add_(1)
             momentum = module.momentum if module.momentum is not None else 1.0 / float(module.num_batches_tracked)
             module.running_mean.lerp_(mean, momentum)
             module.running_var.lerp_(var * (total / (total - 1).clamp_min(1)), momentum)
-    return normed
+    return out
