@@ -11,6 +11,7 @@ The two are not the same algorithm; results record which one ran.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable
 
@@ -54,15 +55,10 @@ class FlatAdam:
 
     def __init__(self, params: Iterable[nn.Parameter], lr: float, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8) -> None:
-        unique: dict[int, nn.Parameter] = {}
-        for p in params:
-            unique.setdefault(id(p), p)
-        self.params = list(unique.values())
-        if not self.params:
-            raise ValueError("FlatAdam needs at least one parameter")
+        self.params = list({id(p): p for p in params}.values())
+        if not self.supports(self.params):
+            raise ValueError("FlatAdam needs float parameters, all of one dtype on one CPU or CUDA device")
         first = self.params[0]
-        if any(p.device != first.device or p.dtype != first.dtype for p in self.params):
-            raise ValueError("FlatAdam needs parameters of one device and dtype")
         self.lr, self.betas, self.eps = float(lr), betas, float(eps)
         n = sum(p.numel() for p in self.params)
         self.flat = torch.empty(n, dtype=first.dtype, device=first.device)
@@ -71,17 +67,23 @@ class FlatAdam:
         self.exp_avg_sq = torch.zeros_like(self.flat)
         self.step_count = 0
         self._step = torch.zeros((), dtype=torch.float32, device=first.device)  # the fused kernel's step input
-        self._fused = hasattr(torch, "_fused_adam_") and first.device.type in ("cpu", "cuda")
+        self._fused = hasattr(torch, "_fused_adam_")
+        ends = itertools.accumulate(p.numel() for p in self.params)
+        self._slices = [slice(end - p.numel(), end) for p, end in zip(self.params, ends)]
         self._grad_views: list[torch.Tensor] = []
-        offset = 0
         with torch.no_grad():
-            for p in self.params:
-                view = slice(offset, offset + p.numel())
-                self.flat[view].copy_(p.reshape(-1))
-                p.data = self.flat[view].view_as(p)
-                p.grad = self.grad[view].view_as(p)
+            for p, part in zip(self.params, self._slices):
+                self.flat[part].copy_(p.reshape(-1))
+                p.data = self.flat[part].view_as(p)
+                p.grad = self.grad[part].view_as(p)
                 self._grad_views.append(p.grad)
-                offset += p.numel()
+
+    @staticmethod
+    def supports(params: list[nn.Parameter]) -> bool:
+        """Whether ``params`` can share flat buffers: float, one dtype, one CPU or CUDA device."""
+        return bool(params) and all(
+            p.dtype in (torch.float32, torch.float64) and p.device.type in ("cpu", "cuda")
+            and p.device == params[0].device and p.dtype == params[0].dtype for p in params)
 
     def _bind_grads(self) -> None:
         """Re-attach gradient views that someone replaced or set to None (their values are kept)."""
@@ -120,12 +122,8 @@ class FlatAdam:
     @property
     def state(self) -> dict[nn.Parameter, dict[str, torch.Tensor]]:
         """Per-parameter views of the moments (``torch.optim.Optimizer.state``'s shape)."""
-        out, offset = {}, 0
-        for p in self.params:
-            view = slice(offset, offset + p.numel())
-            out[p] = {"exp_avg": self.exp_avg[view].view_as(p), "exp_avg_sq": self.exp_avg_sq[view].view_as(p)}
-            offset += p.numel()
-        return out
+        return {p: {"exp_avg": self.exp_avg[part].view_as(p), "exp_avg_sq": self.exp_avg_sq[part].view_as(p)}
+                for p, part in zip(self.params, self._slices)}
 
 
 def flat_adam(params: Iterable[nn.Parameter], lr: float, betas: tuple[float, float] = (0.9, 0.999),
@@ -133,8 +131,7 @@ def flat_adam(params: Iterable[nn.Parameter], lr: float, betas: tuple[float, flo
     """:class:`FlatAdam` where every parameter is a float tensor on one CPU or CUDA device, else
     ``torch.optim.Adam`` (multi-tensor implementation)."""
     params = list(params)
-    if params and all(p.dtype in (torch.float32, torch.float64) and p.device.type in ("cpu", "cuda")
-                      and p.device == params[0].device and p.dtype == params[0].dtype for p in params):
+    if FlatAdam.supports(params):
         return FlatAdam(params, lr, betas, eps)
     return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, foreach=True)
 
@@ -150,11 +147,11 @@ class SplitAdam:
         mode: str,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
-        fused: bool = False,
+        flat: bool = False,
     ) -> None:
-        # ``fused``: :func:`flat_adam` for the dense parameters (streaming methods step at every small batch);
-        # else torch's default Adam.
-        # (the embedding tables never go into a FlatAdam: its flat copy would make them views of one buffer).
+        # ``flat``: :func:`flat_adam` for the dense parameters (the streaming methods step at every small batch)
+        # and torch's fused kernel for dense-mode tables; else torch's default Adam. The tables never go into a
+        # FlatAdam: its flat copy would make them views of one buffer.
         embeddings, dense = list(embeddings), list(dense)
         self.mode = check_mode(mode)
         self.optimizers: list[torch.optim.Optimizer | FlatAdam] = []
@@ -162,9 +159,9 @@ class SplitAdam:
             if self.mode == "lazy":
                 self.optimizers.append(torch.optim.SparseAdam(embeddings, lr=lr, betas=betas, eps=eps))
             else:
-                self.optimizers.append(torch.optim.Adam(embeddings, lr=lr, betas=betas, eps=eps, fused=fused or None))
+                self.optimizers.append(torch.optim.Adam(embeddings, lr=lr, betas=betas, eps=eps, fused=flat or None))
         if dense:
-            self.optimizers.append(flat_adam(dense, lr, betas, eps) if fused
+            self.optimizers.append(flat_adam(dense, lr, betas, eps) if flat
                                    else torch.optim.Adam(dense, lr=lr, betas=betas, eps=eps))
         self._embedding_ids = {id(p) for p in embeddings}
 

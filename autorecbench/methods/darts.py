@@ -46,7 +46,7 @@ class Darts(SoftSelectionMethod):
         for table in self.alpha.values():
             nn.init.zeros_(table.weight)  # softmax(0) = uniform over the sizes
         self.alpha.to(ctx.device)
-        self.search_optimizer = SplitAdam(self.search_parameters(), [], float(ctx.cfg.search_lr), mode, fused=True)
+        self.search_optimizer = SplitAdam(self.search_parameters(), [], float(ctx.cfg.search_lr), mode, flat=True)
 
     def weights(self, field: str, batch: StreamBatch, train: bool = False) -> torch.Tensor:
         return torch.softmax(self.alpha[field](self._ids(batch, field)[0]), dim=1)

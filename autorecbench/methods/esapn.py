@@ -215,13 +215,14 @@ class Esapn(SizeSearchMethod):
     def policy_step(self, valid: StreamBatch) -> None:
         """Algorithm 1 lines 3-6 on the validation batch: sample, adjust temporarily, reward, REINFORCE."""
         top = len(self.sizes) - 1
-        adjusted, picked, eligible = {}, {}, {}
+        adjusted, picked, below, eligible = {}, {}, {}, {}
         for field in FIELDS:
             ids, freq = self._ids(valid, field)
             lookup = self.stores[field].lookup(ids, distinct=True)
             states = self._states(field, freq, lookup.size_index)
             # Only rows below the top size take a decision (the rest get no action, no log-probability).
-            rows = (lookup.size_index < top).nonzero().squeeze(1)
+            below[field] = lookup.size_index < top
+            rows = below[field].nonzero().squeeze(1)
             log_probs = torch.log_softmax(states.logits(set_training(self.policies[field], True)), dim=1)
             log_probs = log_probs.index_select(0, states.inverse[rows])
             with torch.no_grad():
@@ -236,9 +237,7 @@ class Esapn(SizeSearchMethod):
         with torch.no_grad():
             # line 5: L under the sampled sizes, on the rows that took a decision in some field (all rows still
             # enter the batch-norm statistics; the layers after them are per row)
-            decided = torch.zeros(len(valid), dtype=torch.bool, device=self.ctx.device)
-            for rows in eligible.values():
-                decided[rows] = True
+            decided = torch.stack(list(below.values())).any(dim=0)
             needed = None if bool(decided.all()) else decided.nonzero().squeeze(1)
             logits = self.model([adjusted[f] for f in FIELDS], rows=needed)
             if needed is None:

@@ -51,7 +51,7 @@ class Fixed(StreamingMethod):
         for module in (self.user_table, self.item_table, self.model):
             module.to(ctx.device)
         self.optimizer = SplitAdam(
-            [self.user_table.weight, self.item_table.weight], self.model.parameters(), float(cfg.lr), mode, fused=True
+            [self.user_table.weight, self.item_table.weight], self.model.parameters(), float(cfg.lr), mode, flat=True
         )
 
     @classmethod

@@ -219,7 +219,7 @@ class SoftSelectionMethod(SizeSearchMethod):
         embeddings = [self.tables[f].table.weight for f in FIELDS]
         self.dense_parameters = [*self.model.parameters(),
                                  *(p for n, p in self.tables.named_parameters() if not n.endswith("table.weight"))]
-        self.model_optimizer = SplitAdam(embeddings, self.dense_parameters, float(cfg.lr), mode, fused=True)
+        self.model_optimizer = SplitAdam(embeddings, self.dense_parameters, float(cfg.lr), mode, flat=True)
         self.search_optimizer: Any = None  # set by the subclass: Adam over ``search_parameters()``
 
     @abstractmethod

@@ -15,8 +15,8 @@ are handed out on demand:
 - All of this is vectorised over a batch; loops run over candidate sizes (six, skipping empty ones), never
   over entities. A :class:`Lookup` groups a batch by size with one sort; a ``distinct`` lookup (prediction,
   training) holds each entity once, so the chained maps run on the batch's distinct entities and duplicate
-  rows' gradients add up in their entry as a sparse gradient's would; a row lookup (the policy step, whose
-  actions are per row) holds every row. Gathers use ``index_select`` (on the CPU ~9x faster than ``t[idx]``
+  rows' gradients add up in their entry as a sparse gradient's would (ESAPN uses only these); a row lookup
+  holds every row (the reference its tests compare with). Gathers use ``index_select`` (on the CPU ~9x faster than ``t[idx]``
   for wide rows, and its backward is an ``index_add``, not an accumulating ``index_put``).
 
 The store is trained with its own Adam (``torch.optim.Adam``'s update rule, both moments kept per slot beside
@@ -293,11 +293,7 @@ class MixedDimEmbedding:
         Returns the newly stored (unique) ids."""
         new = torch.unique(ids[self.size_of[ids] < 0])
         if new.numel():
-            k = self.initial_size
-            slots = self._reserve(k, int(new.numel()))
-            self.tables[k][slots] = self.initial_values(new, k)
-            self.size_of[new] = k
-            self.slot_of[new] = slots
+            self._place(self.initial_size, new, self.initial_values(new, self.initial_size))
         return new
 
     def _place(self, k: int, ids: torch.Tensor, values: torch.Tensor | None) -> None:
