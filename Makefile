@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
-# e.g. BENCH_ARGS="--repeat 5 --methods fixed,esapn --optimizers lazy" (see python -m autorecbench.bench --help)
+# e.g. BENCH_ARGS="--repeat 5 --methods fixed,esapn --optimizers lazy" (see python -m autorecbench.bench.streaming --help)
 BENCH_ARGS ?=
 SHARED_ML_LATEST_SMALL ?= ../shared/data/ml-latest-small
 
@@ -20,6 +20,7 @@ help:
 	@echo "                the ESAPN paper's Table 1 grid (ml-20m and ml-latest by default), printed beside the paper"
 	@echo "make reproduce-autoloss-table2 [ARGS='--small' | ARGS='--seeds 0,1,2 device=cuda']"
 	@echo "                AutoLoss Table 2 (+ Table 3's AL-1/AL-2): Criteo, ML-20m x DeepFM, IPNN, beside the paper"
+	@echo "make reproduce-NAME [ARGS=...]  any registered reproduction (autorecbench reproduce --help lists them)"
 
 setup: $(VENV)/.installed data/raw/ml-100k/ml-100k.inter data/raw/ml-latest-small/ratings.csv
 
@@ -49,8 +50,8 @@ test-gpu:
 	$(BIN)/python -m pytest -m gpu -q
 
 bench:
-	$(BIN)/python -m autorecbench.bench $(BENCH_ARGS)
-	$(BIN)/python -m autorecbench.bench_ctr
+	$(BIN)/python -m autorecbench.bench.streaming $(BENCH_ARGS)
+	$(BIN)/python -m autorecbench.bench.ctr
 
 # ESAPN paper Table 1: FIXED, DARTS, AutoEmb, ESAPN x binary, multiclass x DATA (default: ml-20m,ml-latest).
 DATA ?= ml-20m,ml-latest
@@ -62,6 +63,10 @@ reproduce-table1:
 # AutoLoss (KDD 2021) Table 2: `autorecbench reproduce autoloss-table2 --help` for the options.
 reproduce-autoloss-table2:
 	$(BIN)/autorecbench reproduce autoloss-table2 $(ARGS)
+
+# Any other registered reproduction (`autorecbench reproduce --help` lists them): make reproduce-NAME ARGS='...'
+reproduce-%:
+	$(BIN)/autorecbench reproduce $* $(ARGS)
 
 clean-results:
 	rm -rf results logs

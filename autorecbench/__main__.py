@@ -1,3 +1,3 @@
-from autorecbench.cli import main
+from autorecbench.cli.app import main
 
 main()

@@ -78,14 +78,28 @@ def resolved(cfg: DictConfig) -> dict[str, Any]:
     return container
 
 
+def runner_config(cfg: DictConfig) -> Any:
+    """The configured runner's typed config (``runner.name`` picks the runner)."""
+    from autorecbench.runners.base import build_config
+
+    options = resolved(cfg)["runner"]
+    options.pop("name", None)
+    return build_config(configured_runner(cfg), options)
+
+
+def configured_runner(cfg: DictConfig) -> Any:
+    """The runner class ``runner.name`` picks."""
+    from autorecbench.runners.base import runner_class
+
+    return runner_class(str(cfg.runner.get("name", "streaming")))
+
+
 def validate(cfg: DictConfig) -> None:
     """Static checks of a composed config, before any data is read or folder created."""
     from autorecbench.data.cache import DatasetConfig
     from autorecbench.data.schema import TaskSpec
     from autorecbench.methods.base import method_class
-    from autorecbench.models import model_class
-
-    from autorecbench.execute import configured_runner, runner_config
+    from autorecbench.models.registry import model_class
 
     resolved(cfg)
     task = TaskSpec.from_name(str(cfg.task))

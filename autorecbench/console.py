@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
+from collections.abc import Callable
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -112,3 +114,17 @@ class LogProgress:
 def print_error(message: str) -> None:
     """One line on stderr; the caller exits with code 2."""
     err_console.print(Text.assemble(("error: ", "bold red"), message), highlight=False, soft_wrap=True)
+
+
+def run_app(app: Callable[[], object]) -> None:
+    """Run a command-line app: a user error is one line on stderr and exit code 2; Ctrl-C is exit code 130."""
+    from autorecbench.errors import UserError
+
+    try:
+        app()
+    except UserError as exc:
+        print_error(str(exc))
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print_error("interrupted")
+        sys.exit(130)

@@ -1,4 +1,5 @@
-"""User-facing errors: printed as one line by the CLI, which then exits with code 2."""
+"""The package's exception classes. ``UserError`` and its subclasses are the user's to fix: the CLI prints them
+as one line and exits with code 2. ``RunFailed`` is a run that went wrong on its own (recorded as failed)."""
 
 from __future__ import annotations
 
@@ -24,3 +25,7 @@ class DataFormatError(UserError):
 
 class MissingDataError(UserError):
     """The raw files of a dataset are not where the config says."""
+
+
+class RunFailed(RuntimeError):
+    """The run itself went wrong (e.g. non-finite predictions): recorded as a failed run."""

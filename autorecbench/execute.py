@@ -23,26 +23,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from autorecbench import envinfo
-from autorecbench.config import config_hash, resolve_device, resolved, variant_label
+from autorecbench.config import config_hash, configured_runner, resolve_device, runner_config, variant_label
 from autorecbench.data.cache import DatasetConfig, PreparedData, prepare
 from autorecbench.data.schema import TaskSpec
 from autorecbench.methods.base import MethodContext, method_class
-from autorecbench.results import RunFolder, make_run_id
-from autorecbench.runners.base import Runner, build_config, runner_class
+from autorecbench.results.run_folder import RunFolder, make_run_id
 from autorecbench.runners.streaming import BatchHook, Progress
 
 log = logging.getLogger("autorecbench")
-
-
-def runner_config(cfg: DictConfig) -> Any:
-    """The configured runner's typed config (``runner.name`` picks the runner)."""
-    options = resolved(cfg)["runner"]
-    name = options.pop("name", "streaming")
-    return build_config(runner_class(str(name)), options)
-
-
-def configured_runner(cfg: DictConfig) -> type[Runner]:
-    return runner_class(str(cfg.runner.get("name", "streaming")))
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -118,8 +106,9 @@ def execute(
         "command": sys.argv,
         "method_info": {
             "paper": method_cls.paper,
-            "faithful": method_cls.faithful,
             "fidelity": method_cls.fidelity,
+            "deviations": method_cls.deviations,
+            "faithful": method_cls.fidelity != "not faithful",
         },
         "data": {"cache_dir": str(prepared.directory), **schema.run_info()},
         "git": envinfo.git_state(),

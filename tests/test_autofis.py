@@ -18,7 +18,7 @@ import torch
 
 from autorecbench.config import compose, validate
 from autorecbench.errors import UserError
-from autorecbench.grda import GRDA
+from autorecbench.train.grda import GRDA
 from autorecbench.methods.autofis import AutoFIS, PairGate
 from autorecbench.models.backbones import FM
 from conftest import one_line_error, read_run, run_cli, run_folders

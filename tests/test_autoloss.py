@@ -10,7 +10,7 @@ import torch
 
 from autorecbench.config import compose, validate
 from autorecbench.errors import UserError
-from autorecbench.losses import candidate_losses
+from autorecbench.train.losses import candidate_losses
 from autorecbench.methods.autoloss import VARIANTS, AutoLoss, GlobalWeights, LossController, controller_features
 from autorecbench.methods.base import method_class
 from autorecbench.runners.offline import TrainLoop

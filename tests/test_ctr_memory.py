@@ -16,7 +16,7 @@ from conftest import REPO
 
 def _bench(tmp_path: Path, *args: str, timeout: int) -> list[dict]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
-    done = subprocess.run([sys.executable, "-m", "autorecbench.bench_ctr", "--json", f"--root={tmp_path}", *args],
+    done = subprocess.run([sys.executable, "-m", "autorecbench.bench.ctr", "--json", f"--root={tmp_path}", *args],
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from autorecbench.models.embedding import MixedDimEmbedding, hashed_normal
-from autorecbench.optim import tensor_bytes
+from autorecbench.train.optim import tensor_bytes
 
 CPU = torch.device("cpu")
 SIZES = (2, 4, 8)
@@ -232,7 +232,7 @@ def test_flat_adam_equals_torch_adam_with_zeroed_gradients(fused: bool) -> None:
     """FlatAdam (one flat buffer per quantity) steps like torch.optim.Adam with ``zero_grad(set_to_none=False)``:
     gradients land in the flat buffer, a parameter that gets no gradient in a step moves on its momentum, and a
     gradient someone replaced is taken over."""
-    from autorecbench.optim import FlatAdam
+    from autorecbench.train.optim import FlatAdam
 
     def net() -> torch.nn.Module:
         torch.manual_seed(0)
@@ -266,7 +266,7 @@ def test_flat_adam_equals_torch_adam_with_zeroed_gradients(fused: bool) -> None:
 
 
 def test_flat_adam_falls_back_when_the_fused_kernel_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
-    from autorecbench.optim import FlatAdam
+    from autorecbench.train.optim import FlatAdam
 
     def missing(*args, **kwargs):
         raise NotImplementedError("no fused Adam kernel for this device")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from autorecbench.grda import GRDA
+from autorecbench.train.grda import GRDA
 
 
 def test_c_zero_is_dual_averaging_from_the_initial_point() -> None:

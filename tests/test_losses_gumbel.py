@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from autorecbench.data.schema import TaskSpec
 from autorecbench.errors import UserError
-from autorecbench.gumbel import TemperatureSchedule, gumbel_noise, gumbel_softmax
-from autorecbench.losses import CANDIDATES, LossOptions, candidate_losses, check_names
+from autorecbench.train.gumbel import TemperatureSchedule, gumbel_noise, gumbel_softmax
+from autorecbench.train.losses import CANDIDATES, LossOptions, candidate_losses, check_names
 
 BINARY, MULTI = TaskSpec("binary", 2), TaskSpec("multiclass", 5)
 

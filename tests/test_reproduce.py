@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from autorecbench.reproduce import METHODS, TASKS, grid_overrides, paper_values, table1_cells
+from autorecbench.reproduce.esapn_table1 import METHODS, TASKS, grid_overrides, paper_values, table1_cells
 
 from conftest import one_line_error, read_run, run_cli, run_folders
 

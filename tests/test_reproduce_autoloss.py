@@ -8,14 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from autorecbench.reproduce_autoloss import TABLE2, TABLE3, load_reference
+from autorecbench.reproduce.autoloss_table2 import TABLE2, TABLE3, load_reference
 from conftest import REPO, one_line_error, read_run, run_cli, run_folders
 
 
 def run_module(*args: str, home: Path, timeout: int = 600) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, AUTORECBENCH_HOME=str(home), COLUMNS="250",
                PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
-    return subprocess.run([sys.executable, "-m", "autorecbench.reproduce_autoloss", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "autorecbench.reproduce.autoloss_table2", *args], capture_output=True,
                           text=True, env=env, cwd=home, timeout=timeout)
 
 

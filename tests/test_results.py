@@ -9,7 +9,7 @@ import pytest
 
 from autorecbench.config import compose
 from autorecbench.execute import execute
-from autorecbench.results import discover, read_record
+from autorecbench.results.run_folder import discover, read_record
 
 
 class Boom(RuntimeError):

@@ -185,7 +185,7 @@ def test_frequencies_in_batches_are_occurrence_numbers(prepared) -> None:
 def test_method_reports_become_parquet_tables(tmp_path) -> None:
     import polars as pl
 
-    from autorecbench.results import RunFolder
+    from autorecbench.results.run_folder import RunFolder
 
     folder = RunFolder(tmp_path, "r")
     ids = {"dataset": "d", "task": "binary", "method": "m", "seed": 1}
@@ -201,7 +201,7 @@ def test_bench_runs_rounds_and_reports_medians_and_the_ratio_to_fixed(tmp_path) 
     import subprocess
     import sys
 
-    args = [sys.executable, "-m", "autorecbench.bench", "--rows=1500", "--users=300", "--items=200",
+    args = [sys.executable, "-m", "autorecbench.bench.streaming", "--rows=1500", "--users=300", "--items=200",
             "--methods=fixed,esapn", "--optimizers=lazy", "--repeat=2", "--device=cpu", f"--root={tmp_path}"]
     table = subprocess.run(args, capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "250"})
     assert table.returncode == 0, table.stderr

@@ -27,7 +27,6 @@ from autorecbench.data.ctr import (
     Check,
     CTRFormat,
     field_count_problem,
-    register_format,
     split_columns,
     value_problems,
 )
@@ -45,7 +44,6 @@ RAW_FIELDS = [c for c in HEADER[3:]]  # every column after id, click, hour, in f
 TIME_FIELDS = ["hour", "weekday", "weekend"]
 
 
-@register_format
 class AvazuFormat(CTRFormat):
     name = "avazu_csv"
     fields = [*RAW_FIELDS, *TIME_FIELDS]

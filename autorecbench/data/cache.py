@@ -284,13 +284,14 @@ def _ctr_options(cfg: DatasetConfig) -> dict[str, Any]:
 
 
 def _ctr_formats() -> Collection[str]:
-    from autorecbench.data.ctr import ctr_formats
+    from autorecbench.data.formats import ctr_formats
 
     return ctr_formats()
 
 
 def _build_ctr(cfg: DatasetConfig, paths: list[Path], source: SourceSpec, fingerprint: str, out: Path) -> Schema:
-    from autorecbench.data.ctr import build_ctr, ctr_formats
+    from autorecbench.data.ctr import build_ctr
+    from autorecbench.data.formats import ctr_formats
 
     fmt = ctr_formats()[source.format](cfg.ctr_options())
     built = build_ctr(fmt, paths, out)

@@ -29,7 +29,6 @@ from autorecbench.data.ctr import (
     CTRFormat,
     field_count_problem,
     int_token,
-    register_format,
     split_columns,
     value_problems,
 )
@@ -40,7 +39,6 @@ COLUMNS = ["label", *INT_FIELDS, *CAT_FIELDS]
 HEX = r"^[0-9a-f]{8}$"
 
 
-@register_format
 class CriteoFormat(CTRFormat):
     name = "criteo_tsv"
     fields = [*INT_FIELDS, *CAT_FIELDS]

@@ -199,20 +199,6 @@ class CTRFormat(ABC):
         return str(token)
 
 
-CTR_FORMATS: dict[str, type[CTRFormat]] = {}
-
-
-def register_format(cls: type[CTRFormat]) -> type[CTRFormat]:
-    CTR_FORMATS[cls.name] = cls
-    return cls
-
-
-def ctr_formats() -> dict[str, type[CTRFormat]]:
-    from autorecbench.data import avazu, criteo  # noqa: F401  (register themselves)
-
-    return CTR_FORMATS
-
-
 # ---------------------------------------------------------------- the build
 
 @dataclass

@@ -58,8 +58,8 @@ from omegaconf import DictConfig
 from torch import nn
 
 from autorecbench.errors import UserError
-from autorecbench.gumbel import TemperatureSchedule, gumbel_softmax
-from autorecbench.methods.base import MethodContext, register_method
+from autorecbench.train.gumbel import TemperatureSchedule, gumbel_softmax
+from autorecbench.methods.base import MethodContext, OfflineLoop, register_method
 from autorecbench.methods.offline_common import BackboneMethod, check_positive
 from autorecbench.models.backbones import logloss
 from autorecbench.models.layers import field_offsets
@@ -67,7 +67,6 @@ from autorecbench.models.rating import output_probabilities
 
 if TYPE_CHECKING:
     from autorecbench.data.offline import OfflineBatch
-    from autorecbench.runners.offline import TrainLoop
 
 VARIANTS = ("separate", "shared")
 NOISE = ("batch", "example")
@@ -234,7 +233,7 @@ class AutoDim(BackboneMethod):
 
     # ------------------------------------------------------------ search
 
-    def search(self, loop: TrainLoop) -> dict[str, Any]:
+    def search(self, loop: OfflineLoop) -> dict[str, Any]:
         cfg, task = self.ctx.cfg, self.ctx.task
         embedding = SearchEmbedding(self.cardinalities, self.candidates, self.unified, float(cfg.init_std),
                                     shared=str(cfg.variant) == "shared", sparse=self.sparse,
@@ -245,7 +244,7 @@ class AutoDim(BackboneMethod):
         arch_optimizer = torch.optim.Adam([embedding.arch], lr=float(cfg.arch_lr))
         weight_optimizer = self.adam(model, float(cfg.lr), exclude=[embedding.arch])
 
-        def step(batch: OfflineBatch, loop: TrainLoop) -> torch.Tensor:
+        def step(batch: OfflineBatch, loop: OfflineLoop) -> torch.Tensor:
             embedding.tau = self.schedule(loop.step)
             model.train()
             # First-order DARTS: α on a validation batch, the weights held fixed ...

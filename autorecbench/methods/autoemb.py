@@ -27,7 +27,7 @@ from autorecbench.data.stream import StreamBatch
 from autorecbench.methods.base import MethodContext, register_method, set_training
 from autorecbench.methods.sizesearch import FIELDS, SoftSelectionMethod, last_rows
 from autorecbench.models.controller import FrequencyEncoder, StateMLP
-from autorecbench.optim import flat_adam, tensor_bytes
+from autorecbench.train.optim import flat_adam, tensor_bytes
 
 
 @register_method

@@ -8,7 +8,7 @@ not copied) fixes what the survey leaves open. Equation by equation:
   α and the embeddings) and are multiplied by α, then summed into the logit. For DeepFM the MLP's logit is
   added (AutoDeepFM; Eq. 27 writes ``sigmoid(MLP(I))``, the code adds the MLP over the embeddings to I).
 - One-level optimisation (unlike DARTS): on each training batch, one backward pass; Adam (1e-3) updates all
-  weights but α, GRDA (:class:`autorecbench.grda.GRDA`) updates α: :meth:`AutoFIS.search`.
+  weights but α, GRDA (:class:`autorecbench.train.grda.GRDA`) updates α: :meth:`AutoFIS.search`.
 - Derive: a pair is kept iff its α is not exactly 0 (GRDA's soft threshold makes unhelpful gates exactly 0).
 - Eq. 28, re-train: a fresh model with ``α*_(i,j) γ_(i,j) <e_i, e_j>``, γ = 0 where α* = 0, else 1; the
   gates are fixed at α* as attention (``retrain_alpha: fixed``, as the survey states; ``train``: Adam also
@@ -40,15 +40,14 @@ from omegaconf import DictConfig
 from torch import nn
 
 from autorecbench.errors import UserError
-from autorecbench.grda import GRDA
-from autorecbench.methods.base import MethodContext, register_method
+from autorecbench.train.grda import GRDA
+from autorecbench.methods.base import MethodContext, OfflineLoop, register_method
 from autorecbench.methods.offline_common import BackboneMethod, check_positive, model_overrides
 from autorecbench.models.backbones import FM, CTRBackbone, logloss
 from autorecbench.models.layers import pair_index
 
 if TYPE_CHECKING:
     from autorecbench.data.offline import OfflineBatch
-    from autorecbench.runners.offline import TrainLoop
 
 BACKBONES = ("fm", "deepfm")
 # GRDA (c, μ) of the official code per backbone (tf_main_autofm.py, tf_main_autodeepfm.py).
@@ -123,7 +122,7 @@ class AutoFIS(BackboneMethod):
 
     # ------------------------------------------------------------ search (Eq. 26, GRDA + Adam)
 
-    def search(self, loop: TrainLoop) -> dict[str, Any]:
+    def search(self, loop: OfflineLoop) -> dict[str, Any]:
         cfg = self.ctx.cfg
         center, spread = float(cfg.alpha_init), float(cfg.alpha_init_range)
         alpha0 = torch.empty(len(self.pairs)).uniform_(center - spread, center + spread)
@@ -132,7 +131,7 @@ class AutoFIS(BackboneMethod):
         adam = self.adam(model, float(cfg.lr), exclude=[gate.alpha])
         grda = GRDA([gate.alpha], lr=float(cfg.grda_lr), c=self.grda_c, mu=self.grda_mu)
 
-        def step(batch: OfflineBatch, loop: TrainLoop) -> torch.Tensor:
+        def step(batch: OfflineBatch, loop: OfflineLoop) -> torch.Tensor:
             model.train()
             adam.zero_grad()
             grda.zero_grad(set_to_none=True)

@@ -3,11 +3,11 @@
 The paper, equation by equation, and where each lives here:
 - Eq. 1–6, the DRS network (DeepFM, IPNN, ... with §3.3's settings): the configured backbone (``model=``),
   built by :class:`~autorecbench.methods.offline_common.BackboneMethod`.
-- Eq. 7, candidate losses ``L_C = [ℓ_1(y, ŷ), ..., ℓ_n(y, ŷ)]``: :func:`autorecbench.losses.candidate_losses`
+- Eq. 7, candidate losses ``L_C = [ℓ_1(y, ŷ), ..., ℓ_n(y, ŷ)]``: :func:`autorecbench.train.losses.candidate_losses`
   (focal, KL, hinge, CE in binary and 5-class forms; formulas in that module).
 - §2.4, the controller: :class:`LossController`, an MLP on ``(y, ŷ)`` per example (§3.3: two layers of 128,
   batch-norm, dropout 0.2, ReLU) and a softmax output ``α^b`` over the n losses, for every example b.
-- Eq. 9–10, Gumbel-softmax: :func:`autorecbench.gumbel.gumbel_softmax` on ``log α^b`` with the temperature
+- Eq. 9–10, Gumbel-softmax: :func:`autorecbench.train.gumbel.gumbel_softmax` on ``log α^b`` with the temperature
   ``τ = max(0.01, 1 - 0.00005 t)`` (§3.3), t the DRS training step.
 - Eq. 11, the loss ``L = Σ_i p_i ℓ_i``, averaged over the batch: :meth:`AutoLoss._weighted_loss`.
 - Eq. 12–13 and Algorithm 1, first order (ξ = 0, so ``W*(V) ≈ W``): every ``update_every`` (f = 7, §3.7)
@@ -36,7 +36,7 @@ Choices the paper leaves open, with their defaults (``conf/method/autoloss.yaml`
   dropout: it is "fixed", §2.1); when the controller is updated it is in training mode and the DRS in
   evaluation mode, without gradients (first order: W is fixed).
 - Gumbel noise is drawn per example and per step from torch's seeded generator.
-- ``focal_gamma: 2``, ``hinge_margin: 1`` (see ``autorecbench.losses``); the global α of ``darts`` starts
+- ``focal_gamma: 2``, ``hinge_margin: 1`` (see ``autorecbench.train.losses``); the global α of ``darts`` starts
   uniform; Adam's other settings are PyTorch's defaults.
 """
 
@@ -53,15 +53,14 @@ from torch import nn
 
 from autorecbench.data.schema import TaskSpec
 from autorecbench.errors import UserError
-from autorecbench.gumbel import TemperatureSchedule, gumbel_softmax
-from autorecbench.losses import CANDIDATES, LossOptions, candidate_losses, check_names, class_probs
-from autorecbench.methods.base import MethodContext, register_method
+from autorecbench.train.gumbel import TemperatureSchedule, gumbel_softmax
+from autorecbench.train.losses import CANDIDATES, LossOptions, candidate_losses, check_names, class_probs
+from autorecbench.methods.base import MethodContext, OfflineLoop, register_method
 from autorecbench.methods.offline_common import BackboneMethod, check_positive
 from autorecbench.models.layers import MLP
 
 if TYPE_CHECKING:
     from autorecbench.data.offline import OfflineBatch
-    from autorecbench.runners.offline import TrainLoop
 
 # variant -> (how the per-example weights p arise)
 LEARNED = ("autoloss", "al2", "darts")
@@ -254,7 +253,7 @@ class AutoLoss(BackboneMethod):
             torch.cuda.synchronize(device)
         self.controller_seconds += time.perf_counter() - started
 
-    def train_step(self, batch: OfflineBatch, loop: TrainLoop) -> torch.Tensor:
+    def train_step(self, batch: OfflineBatch, loop: OfflineLoop) -> torch.Tensor:
         """One iteration of Algorithm 1: the controller on a validation batch when ``t % f == 0``, then the
         DRS on the training batch (lines 5-6)."""
         step = loop.step

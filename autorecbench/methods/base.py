@@ -13,11 +13,11 @@ A name may be registered once per protocol (FIXED has a streaming and an offline
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
+import math
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 from omegaconf import DictConfig
@@ -26,11 +26,14 @@ from torch import nn
 from autorecbench.data.schema import Schema, TaskSpec
 from autorecbench.data.stream import StreamBatch, StreamHistory
 from autorecbench.errors import UserError
+from autorecbench.plugins import import_package_modules
 from autorecbench.models.rating import output_probabilities
 
 if TYPE_CHECKING:
-    from autorecbench.data.offline import OfflineBatch
-    from autorecbench.runners.offline import TrainLoop
+    from autorecbench.data.offline import OfflineBatch, SplitData
+
+
+FIDELITY_LEVELS = ("faithful", "faithful, deviations documented", "not faithful")
 
 
 @dataclass
@@ -70,9 +73,10 @@ class Method(ABC):
     name: ClassVar[str]
     description: ClassVar[str]
     paper: ClassVar[str] = ""
-    # False while the implementation is not yet faithful to its paper; ``fidelity`` then says how.
-    faithful: ClassVar[bool] = True
-    fidelity: ClassVar[str] = ""
+    # How close the implementation is to its paper and official code: one of FIDELITY_LEVELS, and a one-line
+    # summary of what differs (each difference is a config switch named in the class docstring).
+    fidelity: ClassVar[str] = "faithful"
+    deviations: ClassVar[str] = ""
     protocols: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, ctx: MethodContext) -> None:
@@ -133,6 +137,47 @@ class StreamingMethod(Method):
         return predicted, self.learn(batch, history)
 
 
+@dataclass
+class FitResult:
+    """One stage's training: where the best validation score was and what it cost."""
+
+    stage: str
+    monitor: str
+    best_value: float | None
+    best_epoch: float | None  # epochs completed at the best evaluation (fractional with eval_every)
+    best_step: int | None
+    epochs_run: float
+    steps: int
+    samples: int
+    evaluations: int
+    stopped_early: bool
+    train_seconds: float  # optimisation steps only
+    eval_seconds: float  # validation evaluations
+    wall_seconds: float  # the whole stage
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / self.train_seconds if self.train_seconds > 0 else math.nan
+
+
+class OfflineLoop(Protocol):
+    """What an offline method may use of the runner's training loop (``runners.offline.TrainLoop`` is the one
+    implementation). Methods see this protocol, never the runner module."""
+
+    train: SplitData
+    valid: SplitData
+    test: SplitData
+    step: int  # optimisation steps taken in the current stage
+
+    def valid_batch(self) -> OfflineBatch: ...
+
+    def evaluate(self, predict: Callable[[OfflineBatch], torch.Tensor], split: str) -> dict[str, float]: ...
+
+    def fit(self, stage: str, step: Callable[[OfflineBatch, OfflineLoop], torch.Tensor],
+            predict: Callable[[OfflineBatch], torch.Tensor], module: nn.Module, *, epochs: int | None = None,
+            patience: int | None = None, restore_best: bool = True) -> FitResult: ...
+
+
 class OfflineMethod(Method):
     """A method under the offline protocol (``runner=offline``). The runner calls, in order:
 
@@ -152,7 +197,7 @@ class OfflineMethod(Method):
 
     protocols: ClassVar[tuple[str, ...]] = ("offline",)
 
-    def search(self, loop: TrainLoop) -> dict[str, Any] | None:
+    def search(self, loop: OfflineLoop) -> dict[str, Any] | None:
         """Explore and return the chosen architecture; None when the method has no search stage."""
         return None
 
@@ -161,7 +206,7 @@ class OfflineMethod(Method):
         """Create the model (and its optimisers) the fit stage trains, for ``architecture``."""
 
     @abstractmethod
-    def train_step(self, batch: OfflineBatch, loop: TrainLoop) -> torch.Tensor:
+    def train_step(self, batch: OfflineBatch, loop: OfflineLoop) -> torch.Tensor:
         """One update on a training batch (may draw ``loop.valid_batch()``); returns the detached loss."""
 
     @abstractmethod
@@ -206,6 +251,10 @@ def set_training(module: nn.Module, training: bool) -> nn.Module:
 
 def register_method(cls: type[Method]) -> type[Method]:
     """Register ``cls`` under its name for each protocol it declares."""
+    if cls.fidelity not in FIDELITY_LEVELS:
+        raise RuntimeError(f"{cls.__name__}.fidelity must be one of {FIDELITY_LEVELS}, got {cls.fidelity!r}")
+    if cls.fidelity != "faithful" and not cls.deviations:
+        raise RuntimeError(f"{cls.__name__} says {cls.fidelity!r}: summarise its deviations in `deviations`")
     for protocol in cls.protocols:
         registry = REGISTRIES[protocol]
         if cls.name in registry and registry[cls.name] is not cls:
@@ -216,11 +265,7 @@ def register_method(cls: type[Method]) -> type[Method]:
 
 def load_methods() -> dict[str, type[StreamingMethod]]:
     """Import every module of ``autorecbench.methods`` so each registers itself."""
-    import autorecbench.methods as package
-
-    for module in pkgutil.iter_modules(package.__path__):
-        if module.name != "base":
-            importlib.import_module(f"{package.__name__}.{module.name}")
+    import_package_modules("autorecbench.methods", skip=("base",))
     return METHODS
 
 

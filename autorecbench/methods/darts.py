@@ -28,7 +28,7 @@ from torch import nn
 from autorecbench.data.stream import StreamBatch
 from autorecbench.methods.base import MethodContext, register_method
 from autorecbench.methods.sizesearch import FIELDS, SoftSelectionMethod
-from autorecbench.optim import SplitAdam, tensor_bytes
+from autorecbench.train.optim import SplitAdam, tensor_bytes
 
 
 @register_method

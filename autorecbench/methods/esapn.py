@@ -53,7 +53,7 @@ Choices the paper leaves open, as config values (``conf/method/esapn.yaml``), de
 - ``embedding_optimizer: lazy`` updates the moments and values of the slots a batch touches (see
   :mod:`autorecbench.models.embedding`); ``dense`` is Adam over every stored slot at every step.
 - ``init_std: 1.0``: initial embeddings N(0, 1), as PyTorch's and the official code's tables.
-- The rating model, maps and policies step with :class:`~autorecbench.optim.FlatAdam`: gradients are zeroed,
+- The rating model, maps and policies step with :class:`~autorecbench.train.optim.FlatAdam`: gradients are zeroed,
   not set to None, between steps (the official code's PyTorch 1.x ``zero_grad()``), so a map that no entity
   of a batch passes through still takes a step on its momentum.
 - Line 5's loss is computed on the rows that take a decision in some field; batch-norm statistics of the
@@ -79,7 +79,7 @@ from autorecbench.methods.sizesearch import FIELDS, SizeSearchMethod
 from autorecbench.models.controller import FrequencyEncoder, StateMLP
 from autorecbench.models.embedding import ChainedMaps, Lookup, MixedDimEmbedding
 from autorecbench.models.rating import output_probabilities, per_example_loss
-from autorecbench.optim import flat_adam, tensor_bytes
+from autorecbench.train.optim import flat_adam, tensor_bytes
 
 SHORT_HISTORY = ("mean", "skip")
 UNCHANGE, ENLARGE = 0, 1

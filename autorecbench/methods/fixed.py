@@ -4,10 +4,10 @@ user and every item (128 in the paper; the official code uses 222, the sum of th
 backbone with one embedding size for every field (:class:`FixedOffline`).
 
 Choices the paper leaves open, as config values (``conf/method/fixed.yaml``):
-- ``embedding_optimizer: lazy`` updates only the embedding rows a batch touches (see ``autorecbench.optim``);
+- ``embedding_optimizer: lazy`` updates only the embedding rows a batch touches (see ``autorecbench.train.optim``);
   ``dense`` is the paper's plain Adam over all rows. Both use the paper's Adam learning rate 1e-3.
 - ``init_std: 1.0``: tables start N(0, 1), PyTorch's embedding default, which the official code keeps.
-- The rating model's parameters step with :class:`~autorecbench.optim.FlatAdam` (one fused Adam kernel over a
+- The rating model's parameters step with :class:`~autorecbench.train.optim.FlatAdam` (one fused Adam kernel over a
   flat buffer; gradients zeroed between steps, as the official code's PyTorch 1.x ``zero_grad()``).
 """
 
@@ -22,9 +22,9 @@ from autorecbench.data.stream import StreamBatch, StreamHistory
 from autorecbench.errors import UserError
 from autorecbench.methods.base import MemoryReport, MethodContext, StreamingMethod, register_method, set_training
 from autorecbench.methods.offline_common import BackboneMethod
-from autorecbench.models import model_class
+from autorecbench.models.registry import model_class
 from autorecbench.models.rating import output_probabilities, per_example_loss, reduce_loss
-from autorecbench.optim import SplitAdam, check_mode, embedding_table, tensor_bytes
+from autorecbench.train.optim import SplitAdam, check_mode, embedding_table, tensor_bytes
 
 
 @register_method

@@ -1,6 +1,6 @@
 """What the offline methods on a CTR backbone share (FIXED, AutoDim, AutoFIS, AutoLoss): building the backbone
 around a given embedding layer, Adam split into embedding tables and dense weights (``lazy`` or ``dense``,
-see ``autorecbench.optim``), the plain logloss training step, prediction and the memory report.
+see ``autorecbench.train.optim``), the plain logloss training step, prediction and the memory report.
 
 Registers no method itself.
 """
@@ -15,16 +15,15 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from autorecbench.errors import UserError
-from autorecbench.methods.base import MemoryReport, MethodContext, OfflineMethod
-from autorecbench.models import model_class
+from autorecbench.methods.base import MemoryReport, MethodContext, OfflineLoop, OfflineMethod
+from autorecbench.models.registry import model_class
 from autorecbench.models.backbones import CTRBackbone, build_backbone, logloss
 from autorecbench.models.layers import FieldEmbedding
 from autorecbench.models.rating import output_probabilities
-from autorecbench.optim import SplitAdam, check_mode, tensor_bytes
+from autorecbench.train.optim import SplitAdam, check_mode, tensor_bytes
 
 if TYPE_CHECKING:
     from autorecbench.data.offline import OfflineBatch
-    from autorecbench.runners.offline import TrainLoop
 
 
 def embedding_tables(module: nn.Module | None) -> list[nn.Parameter]:
@@ -95,7 +94,7 @@ class BackboneMethod(OfflineMethod):
         assert self.model is not None, "build() first"
         return self.model
 
-    def train_step(self, batch: OfflineBatch, loop: TrainLoop) -> torch.Tensor:
+    def train_step(self, batch: OfflineBatch, loop: OfflineLoop) -> torch.Tensor:
         model, optimizer = self.module(), self.optimizer
         assert optimizer is not None
         model.train()

@@ -37,7 +37,7 @@ from autorecbench.metrics import bucket_bounds, bucket_label, frequency_bucket
 from autorecbench.models.controller import FREQUENCY_ENCODINGS
 from autorecbench.models.embedding import SoftSizeTables
 from autorecbench.models.rating import RatingMLP, output_probabilities, per_example_loss, reduce_loss
-from autorecbench.optim import SplitAdam, check_mode, tensor_bytes
+from autorecbench.train.optim import SplitAdam, check_mode, tensor_bytes
 
 FIELDS = ("user", "item")
 VALIDATIONS = ("last_batch", "history")

@@ -39,7 +39,7 @@ from torch import nn
 
 from autorecbench.data.schema import FieldSpec, TaskSpec
 from autorecbench.errors import UserError
-from autorecbench.models import register_model
+from autorecbench.models.registry import register_model
 from autorecbench.models.layers import ACTIVATIONS, MLP, FieldEmbedding, FirstOrder, fm_vector, inner_products
 
 # Keys of a ``model`` config that are not architecture (read by the methods, e.g. FIXED's optimiser).
@@ -225,7 +225,7 @@ class IPNN(CTRBackbone):
 def build_backbone(name: str, fields: Sequence[FieldSpec], task: TaskSpec, model_cfg: DictConfig, *,
                    embedding: nn.Module | None = None, sparse: bool = False) -> CTRBackbone:
     """The registered backbone ``name`` for ``fields`` and ``task`` with the ``model`` group's settings."""
-    from autorecbench.models import model_class
+    from autorecbench.models.registry import model_class
 
     cls = model_class(name)
     if not issubclass(cls, CTRBackbone):

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from autorecbench.models.activations import tanh
-from autorecbench.optim import check_mode, embedding_table, tensor_bytes
+from autorecbench.train.optim import check_mode, embedding_table, tensor_bytes
 
 _M32 = 0xFFFFFFFF
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from autorecbench.data.schema import TaskSpec
 from autorecbench.errors import UserError
-from autorecbench.models import register_model
+from autorecbench.models.registry import register_model
 from autorecbench.models.activations import Tanh, tanh
 
 

@@ -31,10 +31,10 @@ import torch
 from torch import nn
 
 from autorecbench.data.offline import OfflineBatch, OfflineData, SplitData, load_offline
-from autorecbench.errors import UserError
+from autorecbench.errors import RunFailed, UserError
 from autorecbench.metrics import group_auc, task_metrics
+from autorecbench.methods.base import FitResult
 from autorecbench.runners.base import ProgressLike, RunOutput, Runner, register_runner
-from autorecbench.runners.streaming import RunFailed
 
 MONITORS = {"auc": "max", "logloss": "min", "ce": "min"}
 
@@ -66,29 +66,6 @@ class OfflineConfig:
             raise UserError("runner.max_rows must be >= 10")
         if self.valid_batch_size is not None and self.valid_batch_size < 2:
             raise UserError("runner.valid_batch_size must be >= 2")
-
-
-@dataclass
-class FitResult:
-    """One stage's training: where the best validation score was and what it cost."""
-
-    stage: str
-    monitor: str
-    best_value: float | None
-    best_epoch: float | None  # epochs completed at the best evaluation (fractional with eval_every)
-    best_step: int | None
-    epochs_run: float
-    steps: int
-    samples: int
-    evaluations: int
-    stopped_early: bool
-    train_seconds: float  # optimisation steps only
-    eval_seconds: float  # validation evaluations
-    wall_seconds: float  # the whole stage
-
-    @property
-    def samples_per_second(self) -> float:
-        return self.samples / self.train_seconds if self.train_seconds > 0 else math.nan
 
 
 def _sync(device: torch.device) -> None:

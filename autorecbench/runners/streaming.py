@@ -18,13 +18,10 @@ from typing import Any, Protocol
 import torch
 
 from autorecbench.data.stream import Stream, StreamBatch, StreamHistory
-from autorecbench.errors import UserError
+from autorecbench.errors import RunFailed, UserError
 from autorecbench.methods.base import StreamingMethod
 from autorecbench.metrics import bucket_bounds, bucket_label, frequency_bucket, task_metrics
-
-
-class RunFailed(RuntimeError):
-    """The run itself went wrong (e.g. non-finite predictions): recorded as a failed run."""
+from autorecbench.runners.base import RunOutput, Runner, register_runner
 
 
 @dataclass
@@ -198,8 +195,6 @@ class StreamingRunner:
 
 
 # ---------------------------------------------------------------- the plugin ``execute`` drives (runner=streaming)
-
-from autorecbench.runners.base import RunOutput, Runner, register_runner  # noqa: E402
 
 
 @register_runner

@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from autorecbench.errors import UserError
-from autorecbench.results import RunRecord, discover, read_record
+from autorecbench.results.run_folder import RunRecord, discover, read_record
 
 KEYS = ["dataset", "task", "model", "method", "variant"]
 TASK_METRICS = {"binary": ["accuracy", "mse", "logloss", "auc"], "multiclass": ["accuracy", "ce", "auc"]}

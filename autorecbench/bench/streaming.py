@@ -6,8 +6,8 @@ stream of ``--rows`` interactions whose embedding tables span ml-20m-sized id sp
 test-then-train loop, peak resident memory, CUDA peak memory, and the bytes the embedding tables and
 their optimiser state really allocate.
 
-    python -m autorecbench.bench [--rows 1000000] [--device auto] [--methods fixed] [--optimizers lazy,dense]
-                                 [--repeat 3]
+    python -m autorecbench.bench.streaming [--rows 1000000] [--device auto] [--methods fixed] [--optimizers lazy,dense]
+                                           [--repeat 3]
 
 With ``--repeat N`` every configuration runs N times, in rounds (each round runs them all in turn); the table
 shows the median and range of interactions/s and, per method, the median over rounds of FIXED's throughput
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
             for method in args.methods.split(","):
                 for optimizer in args.optimizers.split(","):
                     rows = args.rows if optimizer == "lazy" else min(args.rows, args.dense_rows)
-                    cmd = [sys.executable, "-m", "autorecbench.bench", "--one", f"--method={method}",
+                    cmd = [sys.executable, "-m", "autorecbench.bench.streaming", "--one", f"--method={method}",
                            f"--optimizer={optimizer}", f"--rows={rows}", f"--users={args.users}",
                            f"--items={args.items}", f"--device={args.device}", f"--task={args.task}",
                            f"--batch-size={args.batch_size}", f"--root={root}"]

@@ -5,7 +5,7 @@ ml-20m and ml-latest, binary and multiclass — 16 runs per seed through Hydra m
 ``experiment=table1`` — and prints Table 1's layout: for every dataset, method and task our accuracy (%) and
 loss (MSE for binary, CE for multiclass) beside the paper's, with the differences, then each method's
 difference to FIXED, ours beside the paper's. The paper's numbers live in
-``autorecbench/reference/esapn_table1.yaml`` with their source. Datasets the paper does not report
+``autorecbench/reproduce/esapn_table1.yaml`` with their source. Datasets the paper does not report
 (``--data ml-latest-small``, ``ml-100k``) are shown beside a stand-in dataset's values (named in the table):
 there the differences to FIXED are the comparable part.
 
@@ -19,12 +19,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Optional
 
+import typer
 from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from autorecbench.console import out_console
 from autorecbench.errors import UserError
 
 METHODS = ("fixed", "darts", "autoemb", "esapn")
@@ -32,11 +34,11 @@ TASKS = ("binary", "multiclass")
 PAPER_DATASETS = ("ml-20m", "ml-latest")
 LOSS = {"binary": "mse", "multiclass": "ce"}
 LABELS = {"fixed": "FIXED", "darts": "DARTS", "autoemb": "AutoEmb", "esapn": "ESAPN"}
-REFERENCE = Path(__file__).resolve().parent / "reference" / "esapn_table1.yaml"
+REFERENCE = Path(__file__).with_suffix(".yaml")
 
 
 def paper_values() -> dict[str, Any]:
-    """The paper's Table 1 and Table 2 (``reference/esapn_table1.yaml``) as plain dicts."""
+    """The paper's Table 1 and Table 2 (``esapn_table1.yaml`` beside this module) as plain dicts."""
     values = OmegaConf.to_container(OmegaConf.load(REFERENCE), resolve=True)
     assert isinstance(values, dict)
     return values
@@ -173,7 +175,7 @@ def render_table1(rows: list[dict[str, Any]], console: Console, fmt: str = "tabl
             console.print(table)
     if fmt == "markdown":
         return "\n\n".join(text_out) + f"\n\nPaper values: {paper['source']}\n"
-    console.print(f"[dim]paper values: {paper['source']} (autorecbench/reference/esapn_table1.yaml)[/]")
+    console.print(f"[dim]paper values: {paper['source']} (autorecbench/reproduce/esapn_table1.yaml)[/]")
     return None
 
 
@@ -182,7 +184,7 @@ def table2_rows(paths: Sequence[str]) -> tuple[list[str], list[list[str]]]:
     each run's ``embedding_sizes`` / ``embedding_memory`` reports) beside the paper's where it has one."""
     import polars as pl
 
-    from autorecbench.results import discover, read_record
+    from autorecbench.results.run_folder import discover, read_record
 
     paper = paper_values()
     sizes = paper["table2"]["sizes"]
@@ -212,7 +214,7 @@ def table2_rows(paths: Sequence[str]) -> tuple[list[str], list[list[str]]]:
 
 def table1_from_results(paths: Sequence[str], console: Console, fmt: str = "table") -> str | None:
     """Aggregate runs with ``compare`` and print them in Table 1's layout."""
-    from autorecbench.compare import compare
+    from autorecbench.results.compare import compare
 
     cmp = compare(paths)  # the task's metrics: accuracy, and mse / ce where those tasks ran
     if cmp.n_runs == 0:
@@ -243,3 +245,71 @@ def table1_from_results(paths: Sequence[str], console: Console, fmt: str = "tabl
             table.add_row(*line)
         console.print(table)
     return text
+
+
+# ------------------------------------------------------------------ the command (`autorecbench reproduce table1`)
+
+def _snapshot(results: Path) -> set[Path]:
+    return {p for p in results.iterdir() if p.is_dir()} if results.is_dir() else set()
+
+
+CONTEXT_SETTINGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+EPILOG = ("Examples:\n\n"
+          "* `autorecbench reproduce table1` (16 runs: ml-20m and ml-latest must be in data/raw/)\n\n"
+          "* `autorecbench reproduce table1 --data ml-latest-small` (the same grid on a small real dataset)\n\n"
+          "* `autorecbench reproduce table1 --data ml-100k runner.max_rows=5000` (a smoke version)\n\n"
+          "* `autorecbench reproduce table1 --show results/table1` (print runs made before)")
+
+
+def command(
+    overrides: Annotated[Optional[list[str]], typer.Argument(
+        help="Extra Hydra overrides for every run, e.g. `device=cuda` or `runner.max_rows=5000`.", show_default=False)] = None,
+    data: Annotated[str, typer.Option("--data", help="Comma-separated datasets (the paper: ml-20m,ml-latest).")] = "ml-20m,ml-latest",
+    seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated seeds; results are means over them.")] = "0",
+    jobs: Annotated[int, typer.Option("--jobs", help="Runs in parallel (Hydra's joblib launcher); 1 runs them in turn.")] = 1,
+    show: Annotated[Optional[list[str]], typer.Option("--show", help="Run nothing: print Table 1 from these run folders or folders of runs.")] = None,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="table | markdown")] = "table",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Log lines only, no progress bars.")] = False,
+) -> None:
+    """ESAPN paper (SIGIR 2020) Table 1: FIXED, DARTS, AutoEmb, ESAPN × datasets × binary, multiclass.
+
+    Checks every raw file first and stops, naming what to download and where, if one is missing. Then runs
+    the grid with `experiment=table1` (runs land in `results/table1/`) and prints our accuracy and loss beside
+    the paper's, with the differences, and each method's difference to FIXED (ours and the paper's).
+    """
+    if fmt not in ("table", "markdown"):
+        raise UserError(f"unknown format {fmt!r}; choose table or markdown")
+    if show:
+        text = table1_from_results(show, out_console, fmt)
+        if text is not None:
+            out_console.out(text, end="", highlight=False)
+        return
+    datasets = [d.strip() for d in data.split(",") if d.strip()]
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
+    if not datasets or not seed_list:
+        raise UserError("--data and --seeds need at least one value each")
+    if jobs < 1:
+        raise UserError("--jobs must be >= 1")
+    extra = list(overrides or [])
+    for item in extra:
+        if item.startswith("-") or "=" not in item:
+            raise UserError(f"override {item!r} is not of the form key=value")
+    check_raw_files(datasets, extra)
+
+    from autorecbench.config import compose
+    from autorecbench.launch import launch_runs
+
+    if jobs > 1:
+        extra += ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}"]
+    results = Path(str(compose(["experiment=table1", *[o for o in extra if o.startswith("paths.")]]).paths.results_dir))
+    before = _snapshot(results)
+    launch_runs([*grid_overrides(datasets, seed_list, extra), *(["quiet=true"] if quiet else [])], multirun=True)
+    new = sorted(_snapshot(results) - before)
+    if not new:
+        raise UserError(f"no runs were written to {results}")
+    text = table1_from_results([str(p) for p in new], out_console, fmt)
+    if text is not None:
+        out_console.out(text, end="", highlight=False)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -12,8 +11,8 @@ from typing import Annotated, Optional
 import typer
 
 from autorecbench import __version__
-from autorecbench.cli_reproduce import reproduce_app
-from autorecbench.console import err_console, out_console, print_error, setup_logging
+from autorecbench.cli.reproduce import reproduce_app
+from autorecbench.console import err_console, out_console, run_app, setup_logging
 from autorecbench.errors import UserError
 
 log = logging.getLogger("autorecbench")
@@ -48,39 +47,6 @@ def _root(
 
 # ------------------------------------------------------------------------------------------------ run
 
-def _hydra_task(cfg) -> None:  # type: ignore[no-untyped-def]
-    """What Hydra calls for each run (also in joblib worker processes, hence module level)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    from autorecbench.console import LogProgress, RichProgress
-    from autorecbench.execute import execute
-
-    setup_logging()
-    overrides = list(HydraConfig.get().overrides.task)
-    label = f"{cfg.method.name} on {cfg.data.name}"
-    progress = LogProgress(label) if cfg.quiet or not err_console.is_terminal else RichProgress(label)
-    try:
-        path = execute(cfg, overrides, progress)
-    except UserError as exc:
-        print_error(str(exc))
-        sys.exit(2)
-    out_console.print(f"results: {path}", highlight=False, soft_wrap=True)
-
-
-def _launch_hydra(overrides: list[str], multirun: bool) -> None:
-    import hydra
-
-    from autorecbench.config import CONFIG_NAME, config_dir
-
-    entry = hydra.main(config_path=str(config_dir()), config_name=CONFIG_NAME, version_base="1.3")(_hydra_task)
-    saved = sys.argv
-    sys.argv = [saved[0], *overrides, *(["--multirun"] if multirun else [])]
-    try:
-        entry()
-    finally:
-        sys.argv = saved
-
-
 @app.command(
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
     epilog="Examples:\n\n"
@@ -100,8 +66,7 @@ def run(
     """Run a method on a dataset and write its results folder (metrics and the runner's tables in Parquet)."""
     from omegaconf import OmegaConf
 
-    from autorecbench.config import compose, expand_sweep, validate
-    from autorecbench.execute import prepare_data
+    from autorecbench.launch import compose_runs, launch_runs
 
     overrides = list(overrides or [])
     for item in overrides:
@@ -113,28 +78,11 @@ def run(
         overrides.append("quiet=true")
     if skip_bad_rows:
         overrides.append("data.skip_bad_rows=true")
-    combos = expand_sweep(overrides)
-    if len(combos) > 1 and not multirun:
-        raise UserError(f"these overrides describe a sweep of {len(combos)} runs: add -m (--multirun)")
-    configs = []
-    for combo in combos:
-        cfg = compose(combo)
-        validate(cfg)
-        configs.append(cfg)
+    configs = compose_runs(overrides, multirun)
     if show_config:
         out_console.out(OmegaConf.to_yaml(configs[0], resolve=True), highlight=False)
         return
-    # Prepare every dataset once, before anything runs: a bad raw file stops the whole sweep, and
-    # parallel workers then all find the cache ready.
-    seen: set[str] = set()
-    for cfg in configs:
-        key = OmegaConf.to_yaml(cfg.data, resolve=True)
-        if key not in seen:
-            seen.add(key)
-            prepare_data(cfg)
-    if multirun:
-        log.info("launching %d run(s)", len(combos))
-    _launch_hydra(overrides, multirun)
+    launch_runs(overrides, multirun, configs)
 
 
 # -------------------------------------------------------------------------------------------- compare
@@ -152,8 +100,8 @@ def compare(
 
     Failed, interrupted or incomplete runs are listed apart and never enter the means.
     """
-    from autorecbench.compare import compare as do_compare
-    from autorecbench.compare import render, write
+    from autorecbench.results.compare import compare as do_compare
+    from autorecbench.results.compare import render, write
 
     cmp = do_compare(paths, baseline=baseline, metrics=metric, split=split)
     if cmp.n_runs == 0:
@@ -170,21 +118,22 @@ def compare(
 
 @app.command()
 def methods() -> None:
-    """List the registered methods, the protocol each runs under, and whether it is faithful to its paper."""
+    """List the registered methods: the protocol each runs under, how faithful it is to its paper and official
+    code (faithful / faithful, deviations documented / not faithful) and a one-line summary of the deviations."""
     from rich.table import Table
 
     from autorecbench.config import config_dir
     from autorecbench.methods.base import all_methods
 
     table = Table(title="Registered methods")
-    for column in ("name", "protocol", "status", "description", "paper"):
+    for column in ("name", "protocol", "fidelity", "deviations (config switches in the docstring)", "description", "paper"):
         table.add_column(column, overflow="fold")
     for name, by_protocol in sorted(all_methods().items()):
         for protocol, cls in by_protocol.items():
-            status = "faithful" if cls.faithful else f"NOT YET FAITHFUL: {cls.fidelity}"
+            fidelity = cls.fidelity
             if not (config_dir() / "method" / f"{name}.yaml").is_file():
-                status += " (no conf/method YAML)"
-            table.add_row(name, protocol, status, cls.description, cls.paper)
+                fidelity += " (no conf/method YAML)"
+            table.add_row(name, protocol, fidelity, cls.deviations or "–", cls.description, cls.paper)
     out_console.print(table)
 
 
@@ -344,12 +293,5 @@ def data_fetch(
 
 
 def main() -> None:
-    try:
-        app()
-    except UserError as exc:
-        print_error(str(exc))
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print_error("interrupted")
-        sys.exit(130)
+    run_app(app)
 

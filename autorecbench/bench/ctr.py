@@ -9,7 +9,7 @@
 3. Trains FIXED + DeepFM (AutoLoss §3.3 settings, batch 2000) for one epoch over ``--train-rows`` training
    rows in its own process and reports training samples/s (optimisation steps only) on ``--device``.
 
-    python -m autorecbench.bench_ctr [--rows 5000000] [--train-rows 500000] [--device auto] [--json]
+    python -m autorecbench.bench.ctr [--rows 5000000] [--train-rows 500000] [--device auto] [--json]
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         for stage in stages:
             if not args.json:
                 console.print(f"[dim]{stage} ({args.rows:,}-row Criteo-format file) …[/]")
-            cmd = [sys.executable, "-m", "autorecbench.bench_ctr", f"--stage={stage}", f"--rows={args.rows}",
+            cmd = [sys.executable, "-m", "autorecbench.bench.ctr", f"--stage={stage}", f"--rows={args.rows}",
                    f"--cardinality={args.cardinality}", f"--train-rows={args.train_rows}", f"--model={args.model}",
                    f"--optimizer={args.optimizer}", f"--device={args.device}", f"--root={args.root}"]
             done = subprocess.run(cmd, capture_output=True, text=True)
