@@ -4,16 +4,17 @@ up by ``methods``, ``run`` and the method registry ``validate`` reads, and remov
 
 from __future__ import annotations
 
-import os
+import contextlib
 import random
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import one_line_error, read_run, run_cli, run_folders
+from conftest import read_run, run_cli, run_folders
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "autorecbench-toy-plugin"
 
@@ -45,41 +46,71 @@ def test_a_plugin_package_runs_end_to_end(tmp_path: Path, home: Path, monkeypatc
     site = _install(tmp_path)
     assert (site / "autorecbench_toy" / "conf" / "method" / "toy_gmf.yaml").is_file()
     monkeypatch.setenv("PYTHONPATH", str(site))
-    listing = run_cli("methods", home=home, check=True).stdout
-    row = next(line for line in listing.splitlines() if "toy_gmf" in line)
-    assert "streaming" in row and "autorecbench_toy" in row and "no conf/method YAML" not in row
     _ratings(home)
     run_cli("run", "method=toy_gmf", "model=toy_dot", "data=toy-ratings", "-q", home=home, check=True)
     (folder,) = run_folders(home)
     info = read_run(folder)
     assert info["status"] == "complete" and info["method"] == "toy_gmf" and info["model"] == "toy_dot"
     assert info["data"]["n_rows"] == 3000 and 0.0 < info["metrics"]["accuracy"] <= 1.0
-    # In one process: the registry `validate` and `methods` read holds the plugin method, the data group its
-    # dataset, and a bad row in the plugin's format is the usual data error naming file and line.
+    # In this process too (then forgotten): `methods` lists the plugin with its package, the registry `validate`
+    # reads holds it, the data group its dataset, and a bad row in its format is the usual error naming the line.
     bad = home / "data" / "raw" / "toy-ratings" / "ratings.txt"
     bad.write_text(bad.read_text() + "1;2;three;4\n")
-    probe = ("from autorecbench.methods.base import method_class\n"
-             "from autorecbench.config import compose, group_options\n"
-             "from autorecbench.data.cache import DatasetConfig, prepare\n"
-             "print(method_class('toy_gmf').__module__, 'toy-ratings' in group_options('data'))\n"
-             "try:\n"
-             "    prepare(DatasetConfig.from_mapping(compose(['data=toy-ratings']).data), force=True)\n"
-             "except Exception as exc:\n"
-             "    print(type(exc).__name__, exc)\n")
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=home,
-                          env={**os.environ, "AUTORECBENCH_HOME": str(home),
-                               "PYTHONPATH": os.pathsep.join([str(site), str(FIXTURE.parents[2])])})
-    first, second = done.stdout.splitlines()[:2]
-    assert first.split() == ["autorecbench_toy.method", "True"]
-    assert second == f"DataFormatError {bad}:3001: non-numeric field"
+    with _plugin_on_path(site, monkeypatch):
+        from typer.testing import CliRunner
+
+        from autorecbench.cli.app import app
+        from autorecbench.config import compose, group_options
+        from autorecbench.data.cache import DatasetConfig, prepare
+        from autorecbench.errors import DataFormatError
+        from autorecbench.methods.base import method_class
+
+        assert method_class("toy_gmf").__module__ == "autorecbench_toy.method"
+        assert "toy-ratings" in group_options("data")
+        with pytest.raises(DataFormatError, match=f"{bad}:3001: non-numeric field"):
+            prepare(DatasetConfig.from_mapping(compose([f"paths.root={home}", "data=toy-ratings"]).data), force=True)
+        monkeypatch.setenv("COLUMNS", "250")
+        row = next(line for line in CliRunner().invoke(app, ["methods"]).output.splitlines() if "toy_gmf" in line)
+        assert "streaming" in row and "autorecbench_toy" in row and "no conf/method YAML" not in row
 
 
-def test_a_broken_plugin_is_named_in_one_line(tmp_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@contextlib.contextmanager
+def _plugin_on_path(site: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The installed plugin importable in this process; afterwards its registrations and modules are removed."""
+    from autorecbench.data.movielens import READERS
+    from autorecbench.methods.base import METHODS
+    from autorecbench.models.registry import MODELS
+    from autorecbench.plugins import load_entry_points
+
+    monkeypatch.syspath_prepend(str(site))
+    load_entry_points.cache_clear()
+    try:
+        yield
+    finally:
+        METHODS.pop("toy_gmf", None)
+        MODELS.pop("toy_dot", None)
+        READERS.pop("toy_semicolon", None)
+        for name in [m for m in sys.modules if m.startswith("autorecbench_toy")]:
+            del sys.modules[name]
+        monkeypatch.undo()
+        load_entry_points.cache_clear()
+
+
+def test_a_broken_plugin_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Control: an entry point whose module does not import stops with the distribution's name."""
-    info = tmp_path / "site" / "broken_plugin-1.0.dist-info"
+    from autorecbench.errors import UserError
+    from autorecbench.plugins import METHODS_GROUP, load_entry_points
+
+    info = tmp_path / "broken_plugin-1.0.dist-info"
     info.mkdir(parents=True)
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 1.0\n")
     (info / "entry_points.txt").write_text("[autorecbench.methods]\nbroken = broken_plugin_missing.method\n")
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "site"))
-    line = one_line_error(run_cli("methods", home=home))
-    assert "plugin 'broken-plugin'" in line and "broken_plugin_missing" in line
+    monkeypatch.syspath_prepend(str(tmp_path))
+    load_entry_points.cache_clear()
+    try:
+        with pytest.raises(UserError, match=r"plugin 'broken-plugin' \(autorecbench.methods: broken = "
+                                            r"broken_plugin_missing.method\) failed to load"):
+            load_entry_points(METHODS_GROUP)
+    finally:
+        monkeypatch.undo()
+        load_entry_points.cache_clear()

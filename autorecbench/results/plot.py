@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import textwrap
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,9 +219,19 @@ def summarise(frame: pl.DataFrame, by: list[str], value: str = "value") -> pl.Da
             .sort(by))
 
 
+LONG_LABEL = 28  # characters; longer series names (variants with their overrides) go under the figure
+
+
 def legend(axes: Axes, **kwargs: Any) -> None:
     handles, labels = axes.get_legend_handles_labels()
-    if handles:
+    if not handles:
+        return
+    if max(len(label) for label in labels) > LONG_LABEL:
+        wrapped = ["\n".join(textwrap.wrap(label, 70)) for label in labels]
+        figure = axes.figure
+        figure.set_figheight(figure.get_figheight() + 0.1 * sum(w.count("\n") + 1 for w in wrapped))  # room for it
+        figure.legend(handles, wrapped, loc="outside lower center", fontsize=5, ncols=1)
+    else:
         axes.legend(handles, labels, **{"loc": "best", **kwargs})
 
 
@@ -282,5 +293,6 @@ def per_run_metrics(results: ResultSet) -> pl.DataFrame | None:
     if metrics is None:
         return None
     rows = metrics.filter((pl.col("split") == pl.col("headline_split")) | (pl.col("split") == "cost"))
-    return rows.pivot(on="metric", index=["run_id", "dataset", "task", "model", "method", "seed", "runner", "series"],
+    return rows.pivot(on="metric", index=["run_id", "dataset", "task", "model", "method", "variant", "seed", "runner",
+                                          "series"],
                       values="value", aggregate_function="first")

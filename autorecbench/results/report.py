@@ -36,7 +36,7 @@ figure { margin: 0; max-width: 36em; } figure img { width: 100%; height: auto; b
 figcaption { font-size: 0.8em; color: #555; }
 details { margin: 0.3em 0; } summary { cursor: pointer; } pre { background: #f7f7f7; padding: 0.6em;
 overflow-x: auto; font-size: 0.8em; }
-.note { color: #555; font-size: 0.85em; } .bad { color: #a00; }
+.note { color: #555; font-size: 0.85em; } .wide { overflow-x: auto; }
 """
 SIGNIFICANCE = ((0.01, "**"), (0.05, "*"))
 
@@ -52,7 +52,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], text_columns: S
 
     head = "".join(cell("th", h, h) for h in header)
     body = "".join("<tr>" + "".join(cell("td", h, v) for h, v in zip(header, row)) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f'<div class="wide"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 def marked_cells(header: list[str], cells: list[list[str]]) -> list[list[str]]:
@@ -171,10 +171,10 @@ def build_report(results: ResultSet, inputs: Sequence[str], baseline: str | None
 
 
 def check_out(out: Path) -> None:
-    if out.suffix.lower() not in (".html", ".htm"):
-        raise UserError(f"--out {out}: the report is one HTML file; name it *.html")
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; name the HTML file, e.g. {out / 'report.html'}")
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise UserError(f"--out {out}: the report is one HTML file; name it *.html")
 
 
 def write_report(text: str, out: Path) -> None:

@@ -115,7 +115,8 @@ def pareto(results: ResultSet, ctx: PlotContext) -> list[Plot]:
         ax.set_xscale("log")
         plain = FuncFormatter(lambda value, _: f"{value:g}")
         ax.xaxis.set_major_formatter(plain)
-        ax.xaxis.set_minor_formatter(plain)
+        if right < 4 * min(p[0] for p in points):  # within a narrow range the minor ticks carry the numbers
+            ax.xaxis.set_minor_formatter(plain)
         ax.set_xlabel("embedding MiB (measured, log scale)")
         split = "test" if group.model else "evaluation window"
         ax.set_ylabel(f"{metric} ({split})")
@@ -196,7 +197,7 @@ def curve(results: ResultSet, ctx: PlotContext) -> list[Plot]:
 
 
 @figure_kind("search-cost", "search seconds against the gain in the headline metric over the capacity-matched "
-             "FIXED (the FIXED run of the same dataset × task × model whose embedding bytes are closest)", order=50)
+             "FIXED (of the FIXED runs under the same settings, the one whose embedding bytes are closest)", order=50)
 def search_cost(results: ResultSet, ctx: PlotContext) -> list[Plot]:
     plots = []
     for group, metric in _metric_groups(results, ctx, "embedding_bytes"):
@@ -206,22 +207,25 @@ def search_cost(results: ResultSet, ctx: PlotContext) -> list[Plot]:
             continue
         stats = series_summary(group.frame, [metric, seconds, "embedding_bytes"])
         methods = dict(group.frame.select("series", "method").unique().iter_rows())
+        settings = {label: set(v.split()) for label, v in group.frame.select("series", "variant").unique().iter_rows()}
         fixed = [label for label in stats if methods[label] == "fixed"]
-        others = [label for label in stats if label not in fixed]
-        if not fixed or not others:
+        # A method is compared with the FIXED runs under the same settings (their overrides a subset of its own,
+        # as `compare --baseline`), the one with the closest embedding bytes.
+        matches = {label: [f for f in fixed if settings[f] <= settings[label]] for label in stats if label not in fixed}
+        matches = {label: found for label, found in matches.items() if found}
+        if not matches:
             continue
         sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
         figure, (ax,) = new_figure(height_in=2.3)
-        for label in others:
+        for label, candidates in matches.items():
             mine = stats[label]
-            match = min(fixed, key=lambda f: abs(math.log(max(mine["embedding_bytes"]["mean"], 1.0)
-                                                          / max(stats[f]["embedding_bytes"]["mean"], 1.0))))
+            match = min(candidates, key=lambda f: abs(math.log(max(mine["embedding_bytes"]["mean"], 1.0)
+                                                               / max(stats[f]["embedding_bytes"]["mean"], 1.0))))
             gain = sign * (mine[metric]["mean"] - stats[match][metric]["mean"])
             # Streaming methods search inside the stream: their search cost is the time they add to FIXED's.
             cost = mine[seconds]["mean"] - (stats[match][seconds]["mean"] if runner == "streaming" else 0.0)
             ax.errorbar([cost], [gain], yerr=[mine[metric]["std"]] if mine[metric]["std"] else None, fmt="o",
-                        color=ctx.colour(label), label=f"{label} (vs {match})" if match != "fixed" else label,
-                        capsize=1.5)
+                        color=ctx.colour(label), label=label, capsize=1.5)
         ax.axhline(0.0, color="0.4", linewidth=0.7)
         ax.set_xlabel("search seconds" if runner == "offline" else "stream seconds over FIXED's (search cost)")
         ax.set_ylabel(f"gain in {metric} over FIXED" + (" (lower is better, sign flipped)" if sign < 0 else ""))
