@@ -32,7 +32,7 @@ table { border-collapse: collapse; font-size: 0.82em; margin: 0.6em 0; }
 th, td { border: 1px solid #ddd; padding: 0.25em 0.5em; text-align: right; white-space: nowrap; }
 th { background: #f3f3f3; } td.text, th.text { text-align: left; white-space: normal; }
 .figures { display: flex; flex-wrap: wrap; gap: 1.2em; }
-figure { margin: 0; max-width: 36em; } figure img { width: 100%; height: auto; border: 1px solid #eee; }
+figure { margin: 0; flex: 1 1 28em; max-width: 36em; } figure img { width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { font-size: 0.8em; color: #555; }
 details { margin: 0.3em 0; } summary { cursor: pointer; } pre { background: #f7f7f7; padding: 0.6em;
 overflow-x: auto; font-size: 0.8em; }
