@@ -19,11 +19,16 @@ from autorecbench.errors import UserError
 
 CONFIG_NAME = "config"
 # Keys that say where or how verbosely a run happens, not what is run: left out of the config hash.
-NON_SEMANTIC_KEYS = ("seed", "quiet", "device", "paths", "hydra")
-# Where the data lives is not what is computed (the dataset name, options and fingerprint are).
-LOCATION_KEYS = ("data.path", "data.processed_dir")
+NON_SEMANTIC_KEYS = ("seed", "quiet", "device", "paths", "hydra", "logger")
+# Where the data lives is not what is computed (the dataset name, options and fingerprint are); a method's
+# ``tune:`` block is the search space `autorecbench tune` samples from, not a setting of the run; which tuning
+# study chose a tuned run's values is where it came from (its budget, ``tuning.trials``, stays in the hash).
+LOCATION_KEYS = ("data.path", "data.processed_dir", "method.tune", "tuning.study")
 # Overrides that already appear as their own columns in comparisons.
 IDENTITY_OVERRIDES = ("seed", "data", "method", "task", "device", "quiet", "model")
+# Overrides (by key prefix) that are not part of a run's variant label: where things go, the tracker, and the
+# tuning budget (`compare` shows it beside the method as "tuned (N trials)").
+UNLABELLED_PREFIXES = ("paths.", "hydra", "experiment", "logger", "tuning")
 
 
 def config_dir() -> Path:
@@ -33,6 +38,28 @@ def config_dir() -> Path:
     if not (path / f"{CONFIG_NAME}.yaml").is_file():
         raise UserError(f"config folder not found: {path} (set AUTORECBENCH_CONFIG_DIR)")
     return path
+
+
+def config_dirs() -> list[Path]:
+    """``conf/`` and every installed plugin's ``conf/`` folder (:mod:`autorecbench.plugins`), in search order."""
+    from autorecbench.plugins import plugin_config_dirs
+
+    return [config_dir(), *plugin_config_dirs()]
+
+
+def searchpath_overrides() -> list[str]:
+    """The Hydra override that adds the plugins' config folders to the search path (none without plugins)."""
+    from autorecbench.plugins import plugin_config_dirs
+
+    extra = plugin_config_dirs()
+    if not extra:
+        return []
+    return ["hydra.searchpath=[" + ",".join(repr(f"file://{d}") for d in extra) + "]"]
+
+
+def group_options(group: str) -> list[str]:
+    """The options of a config group (``data``, ``method``, ``model``, ...) in ``conf/`` and in plugins."""
+    return sorted({p.stem for d in config_dirs() for p in (d / group).glob("*.yaml")})
 
 
 def _first_line(exc: BaseException) -> str:
@@ -49,7 +76,7 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
 
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            cfg = hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides or []))
+            cfg = hydra_compose(config_name=CONFIG_NAME, overrides=[*(overrides or []), *searchpath_overrides()])
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
         raise UserError(f"bad config override: {_first_line(exc)}") from None
     return cfg
@@ -119,6 +146,9 @@ def validate(cfg: DictConfig) -> None:
     runner.check_data(DatasetConfig.from_mapping(cfg.data), task)
     resolve_device(str(cfg.device))
     runner_config(cfg)
+    from autorecbench.results.tracking import check_logger
+
+    check_logger(cfg.get("logger"))
 
 
 def resolve_device(name: str) -> Any:
@@ -159,7 +189,7 @@ def variant_label(overrides: list[str]) -> str:
     kept = []
     for item in overrides:
         key = item.split("=", 1)[0].lstrip("+~")
-        if key in IDENTITY_OVERRIDES or key in LOCATION_KEYS or key.startswith(("paths.", "hydra", "experiment")):
+        if key in IDENTITY_OVERRIDES or key in LOCATION_KEYS or key.startswith(UNLABELLED_PREFIXES):
             continue
         kept.append(item)
     return " ".join(sorted(kept))

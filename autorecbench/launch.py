@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -32,23 +34,27 @@ def compose_runs(overrides: list[str], multirun: bool) -> list[DictConfig]:
     return configs
 
 
-def launch_runs(overrides: list[str], multirun: bool, configs: list[DictConfig] | None = None) -> None:
-    """Run what ``overrides`` describe (``configs``: their :func:`compose_runs`, when the caller has them)."""
+def prepare_datasets(configs: list[DictConfig]) -> None:
+    """Prepare every dataset of a sweep once, before anything runs: a bad raw file stops the whole sweep, and
+    parallel workers then all find the cache ready."""
     from autorecbench.execute import prepare_data
 
-    if configs is None:
-        configs = compose_runs(overrides, multirun)
-    # Prepare every dataset once, before anything runs: a bad raw file stops the whole sweep, and
-    # parallel workers then all find the cache ready.
     seen: set[str] = set()
     for cfg in configs:
         key = OmegaConf.to_yaml(cfg.data, resolve=True)
         if key not in seen:
             seen.add(key)
             prepare_data(cfg)
+
+
+def launch_runs(overrides: list[str], multirun: bool, configs: list[DictConfig] | None = None) -> None:
+    """Run what ``overrides`` describe (``configs``: their :func:`compose_runs`, when the caller has them)."""
+    if configs is None:
+        configs = compose_runs(overrides, multirun)
+    prepare_datasets(configs)
     if multirun:
         log.info("launching %d run(s)", len(configs))
-    _launch_hydra(overrides, multirun)
+    launch_hydra(overrides, multirun)
 
 
 def _hydra_task(cfg: DictConfig) -> None:
@@ -70,14 +76,16 @@ def _hydra_task(cfg: DictConfig) -> None:
     out_console.print(f"results: {path}", highlight=False, soft_wrap=True)
 
 
-def _launch_hydra(overrides: list[str], multirun: bool) -> None:
+def launch_hydra(overrides: list[str], multirun: bool, task: Callable[[DictConfig], Any] = _hydra_task) -> None:
+    """Hand the overrides to Hydra's own entry point, which calls ``task`` once per run (or per trial of a
+    sweeper); the plugins' config folders join the search path."""
     import hydra
 
-    from autorecbench.config import CONFIG_NAME, config_dir
+    from autorecbench.config import CONFIG_NAME, config_dir, searchpath_overrides
 
-    entry = hydra.main(config_path=str(config_dir()), config_name=CONFIG_NAME, version_base="1.3")(_hydra_task)
+    entry = hydra.main(config_path=str(config_dir()), config_name=CONFIG_NAME, version_base="1.3")(task)
     saved = sys.argv
-    sys.argv = [saved[0], *overrides, *(["--multirun"] if multirun else [])]
+    sys.argv = [saved[0], *overrides, *searchpath_overrides(), *(["--multirun"] if multirun else [])]
     try:
         entry()
     finally:

@@ -127,7 +127,7 @@ def test_compare_baseline_formats_and_incomplete_runs(home: Path, ml100k_dir: Pa
     md = run_cli("compare", "results", "--baseline", "fixed", "--format", "markdown", home=home, check=True).stdout
     assert md.splitlines()[0].startswith("| dataset") and "Δ accuracy" in md and "failed" in md
     csv = run_cli("compare", "results", "--format", "csv", home=home, check=True).stdout
-    assert csv.splitlines()[0].startswith("dataset,task,model,method,variant,n,seeds")
+    assert csv.splitlines()[0].startswith("dataset,task,model,method,variant,tuning,n,seeds")
     assert len(csv.strip().splitlines()) == 4
     tex = run_cli("compare", "results", "--format", "latex", "-o", "table.tex", home=home, check=True)
     assert "\\toprule" in (home / "table.tex").read_text() and tex.stdout == ""

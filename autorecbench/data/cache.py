@@ -30,6 +30,7 @@ from autorecbench.data import synthetic
 from autorecbench.data.movielens import READERS
 from autorecbench.data.schema import FieldSpec, Schema
 from autorecbench.errors import MissingDataError, UserError
+from autorecbench.plugins import DATASETS_GROUP, load_entry_points
 
 log = logging.getLogger("autorecbench")
 # 2: schema.json gained label, splits and user_field; CTR families.
@@ -108,6 +109,7 @@ class DatasetConfig:
         return cfg
 
     def family_spec(self) -> Family:
+        load_entry_points(DATASETS_GROUP)  # plugins add their raw-format readers when imported
         if self.family not in FAMILIES:
             raise UserError(f"data.family: unknown family {self.family!r}; known: {', '.join(FAMILIES)}")
         return FAMILIES[self.family]
