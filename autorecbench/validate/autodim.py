@@ -25,8 +25,9 @@ Statistics:
   baseline.
 
 Small-file settings for the method (the tests' planted file, ``tests/test_autodim.py``): batches of 500, α with
-Adam at 0.01, a search without early stopping and α read at its end, 4 fit epochs; the search runs 8 epochs
-with ``quick`` (50,000 rows), 40 otherwise (the tests' setting).
+Adam at 0.01, a search without early stopping and α read at its end; the search runs 8 epochs with ``quick``
+(50,000 rows), 40 otherwise (the tests' setting). Every fit stage (re-train, references, FIXED) trains to the
+runner's early stopping (at most ``FIT_EPOCHS``).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import numpy as np
 
 from autorecbench.data.synthetic_ctr import CTRGenerator
 from autorecbench.validate.base import Statistic, register_validation
-from autorecbench.validate.offline_cases import OfflineRun, OfflineValidation, ordered_share, run_method
+from autorecbench.validate.offline_cases import FIT_EPOCHS, OfflineRun, OfflineValidation, ordered_share, run_method
 
 SHARE_THRESHOLD = 0.9
 AUC_TOLERANCE = -0.005
@@ -58,7 +59,7 @@ class AutoDimValidation(OfflineValidation):
         return planted if case == "planted" else replace(planted, linear_std=0.0, pair_strength=0.0)
 
     def runner_overrides(self, quick: bool) -> list[str]:
-        return ["runner.batch_size=500", "runner.epochs=4"]
+        return ["runner.batch_size=500", f"runner.epochs={FIT_EPOCHS}"]
 
     def expected(self, case: str, subject: str, statistic: str) -> bool | None:
         if statistic in INFORMATIONAL:

@@ -28,6 +28,9 @@ from autorecbench.validate.base import MethodValidation
 
 BINARY = TaskSpec("binary", 2)
 SPLIT_RATIO = (0.8, 0.1, 0.1)
+# Every fit stage (the searched architecture's, the references', FIXED's) trains to the runner's early stopping
+# (patience 2 on validation AUC), at most this many epochs: the same rule for all, not a budget that favours one.
+FIT_EPOCHS = 30
 
 
 def ordered_share(high: list[float], low: list[float]) -> float:
