@@ -39,8 +39,9 @@ always, and on a CTR-like file focal is the smallest candidate on almost every e
 collapses onto focal: first order, after 2,000 DRS steps of batch 2000 (synthetic Criteo-format file, 12
 fields, DeepFM), mean α_focal 0.998 on the validation batches, focal chosen for 99.7% of the examples, focal
 the smallest loss on 99.3% of them. The second-order term (ξ > 0) adds ξ × a Hessian-vector product to the
-gradient, orders of magnitude below the direct term at ξ = 1e-3, and does not stop the collapse (numbers in the
-README). ``val_objective: ce`` judges the controller only by what a training step with its choices does to the
+gradient, 0.5% of the direct term's norm at ξ = 1e-3 (measured on the same file), and does not stop the
+collapse (numbers in the README). On the label-noise validation (``autorecbench/validate/autoloss.py``) the
+collapsed controller weights the noisy rows higher than the clean ones. ``val_objective: ce`` judges the controller only by what a training step with its choices does to the
 validation logloss; it is this package's remedy, off by default.
 
 Deviations from the paper (there is no official code), each with the switch that undoes it:
