@@ -21,6 +21,7 @@ from autorecbench.errors import UserError
 from autorecbench.train.grda import GRDA
 from autorecbench.methods.autofis import AutoFIS, PairGate
 from autorecbench.models.backbones import FM
+from autorecbench.train.optim import SplitAdam
 from conftest import one_line_error, read_run, run_cli, run_folders
 from offline_helpers import run, setup
 
@@ -105,12 +106,52 @@ def test_search_steps_alpha_with_grda_and_the_rest_with_adam(tmp_path: Path) -> 
     assert [len(layer.weight) for layer in model.mlp.net if isinstance(layer, torch.nn.Linear)] == [32]
 
 
+def test_mlp_layers_are_the_codes_and_the_learning_rate_decays_per_fifth(tmp_path: Path) -> None:
+    """``batch_norm_affine: false`` (the default): every MLP layer is ``BN(W h) + b`` with a batch-norm without
+    scale or shift and the bias after it, as the official code's; ``lr_decay`` multiplies Adam's learning rate
+    after every ``1/lr_decay_parts`` of a pass, in the search and in the re-train."""
+    tiny = ["data=synthetic-criteo", "method=autofis", "model=deepfm", "data.generator.rows=3000",
+            "data.generator.n_fields=5", "data.generator.n_informative=3", "data.generator.n_pairs=1",
+            "data.generator.cardinality_max=10", "runner.batch_size=300", "method.search_epochs=1",
+            "runner.epochs=1", "method.hidden=[32,16]", "method.lr_decay=0.5", "method.lr_decay_parts=2"]
+    s = setup(tmp_path, tiny, active_only=True)
+    method = s.method
+    assert isinstance(method, AutoFIS)
+    factors: list[float] = []
+    original = SplitAdam.scale_lr
+
+    def spy(self: SplitAdam, factor: float) -> None:
+        factors.append(factor)
+        original(self, factor)
+
+    SplitAdam.scale_lr = spy  # type: ignore[method-assign]
+    try:
+        out = s.run()
+    finally:
+        SplitAdam.scale_lr = original  # type: ignore[method-assign]
+    assert out.info["offline"]["fit"]["steps"] == 8 and factors == [0.5, 0.5]  # step 4 of 8, in both stages
+    assert all(g["lr"] == pytest.approx(5e-4) for o in method.optimizer.optimizers for g in o.param_groups)
+    layers = list(method.module().mlp.net)
+    assert [type(m).__name__ for m in layers[:4]] == ["Linear", "BatchNorm1d", "AddBias", "ReLU"]
+    linear, norm, bias = layers[:3]
+    assert linear.bias is None and norm.weight is None and norm.bias is None
+    h = torch.randn(64, linear.in_features)
+    norm.train()
+    z = h @ linear.weight.T
+    expected = (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + norm.eps) + bias.bias
+    assert torch.allclose(bias(norm(linear(h))), expected, atol=1e-5)
+    plain = setup(tmp_path, [*tiny, "method.batch_norm_affine=true"], active_only=True).method
+    plain.build({"alpha": [0.6] * 10})
+    assert [type(m).__name__ for m in list(plain.module().mlp.net)[:3]] == ["Linear", "BatchNorm1d", "ReLU"]
+
+
 def test_defaults_follow_the_official_code() -> None:
     cfg = compose(["data=synthetic-criteo", "method=autofis", "model=deepfm"])
     assert cfg.method.alpha_init == 0.6 and cfg.method.alpha_init_range == 0.001 and cfg.method.grda_lr == 1.0
+    assert cfg.method.batch_norm_affine is False and cfg.method.lr_decay == 1.0 and cfg.method.retrain_alpha == "fixed"
     assert list(cfg.method.hidden) == [700] * 5 and cfg.runner.batch_size == 2000
     for bad, fragment in ((["model=dnn"], "model=fm or model=deepfm"), (["method.retrain_alpha=maybe"], "retrain_alpha"),
-                          (["method.grda_c=-1"], "grda_c")):
+                          (["method.grda_c=-1"], "grda_c"), (["method.lr_decay=0"], "lr_decay")):
         with pytest.raises(UserError, match=fragment):
             validate(compose(["data=synthetic-criteo", "method=autofis", *bad]))
 

@@ -3,12 +3,14 @@ probabilities, the temperature, every baseline selectable, binary and 5-class ta
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
 import torch
 
 from autorecbench.config import compose, validate
+from autorecbench.data.offline import OfflineBatch
 from autorecbench.errors import UserError
 from autorecbench.train.losses import candidate_losses
 from autorecbench.methods.autoloss import VARIANTS, AutoLoss, GlobalWeights, LossController, controller_features
@@ -169,3 +171,81 @@ def test_autoloss_cli_errors_exit_2(home: Path) -> None:
     line = one_line_error(run_cli("run", "method=autoloss", home=home))
     assert "has no streaming version" in line
     assert method_class("autoloss", "offline") is AutoLoss
+
+
+# ---------------------------------------------------------------- Eq. 13: the one-step unrolled DRS
+
+def _one_controller_step(root: Path, *extra: str) -> tuple[AutoLoss, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A fresh method, one Algorithm-1 iteration (controller on a validation batch, then the DRS); the
+    controller's and the DRS's state after the controller step, before the DRS step."""
+    s, method, loop = _built(root, *extra)
+    loop.stage, loop.step = "fit", 0
+    batch = next(s.data.train.batches(200, torch.Generator().manual_seed(0)))
+    drs = _snapshot(method.module())
+    drs_optimizer = [dict(o.state) for o in method.optimizer.optimizers]
+    method._controller_step(loop.valid_batch(), batch, 0)
+    assert _changed(drs, method.module()) == set()  # the virtual step writes nothing: W and BN statistics stay
+    assert [dict(o.state) for o in method.optimizer.optimizers] == drs_optimizer
+    return method, _snapshot(method.weigher), drs
+
+
+def test_a_second_order_step_moves_the_controller_differently(tmp_path: Path) -> None:
+    first, after_first, _ = _one_controller_step(tmp_path, "method.xi=0")
+    second, after_second, _ = _one_controller_step(tmp_path, "method.xi=0.01")
+    again, after_again, _ = _one_controller_step(tmp_path, "method.xi=0.01")
+    assert {k for k in after_first if not torch.equal(after_first[k], after_second[k]) and "weight" in k}
+    assert all(torch.equal(after_second[k], after_again[k]) for k in after_second)  # same seed, same step
+    assert second.controller_steps == first.controller_steps == 1
+
+
+def _unrolled_validation_ce(method: AutoLoss, train: OfflineBatch, valid: OfflineBatch, logits_v: torch.Tensor,
+                            xi: float) -> torch.Tensor:
+    """Brute force: W* = W - ξ ∇_W L_train(W, V) on a deep copy of the DRS, then the validation CE under W*."""
+    model = copy.deepcopy(method.module())
+    statistics = copy.deepcopy(dict(model.named_buffers()))
+    weights = torch.softmax(logits_v, 0)
+    model.train()
+    out = model(train.x)
+    losses = candidate_losses(method.ctx.task, out, train.label, method.names, method.options)
+    grads = torch.autograd.grad((losses * weights).sum(1).mean(), list(model.parameters()))
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():  # the virtual step leaves the running statistics as they were
+            buffer.copy_(statistics[name])
+        for w, g in zip(model.parameters(), grads):
+            w -= xi * g
+    model.eval()
+    with torch.no_grad():
+        return torch.nn.functional.binary_cross_entropy_with_logits(model(valid.x)[:, 0], valid.label)
+
+
+def test_second_order_gradient_matches_finite_differences(tmp_path: Path) -> None:
+    """DARTS' global weights (deterministic: no Gumbel draw), no dropout, float64: the controller's gradient of the
+    validation CE through Eq. 13 against central differences of the brute-force unrolled loss."""
+    s, method, loop = _built(tmp_path, "method.variant=darts", "method.val_objective=ce", "method.xi=0.5",
+                             "model.dropout=0")
+    method.module().double()
+    method.weigher.double()
+    batches = s.data.train.batches(200, torch.Generator().manual_seed(0))
+    train, valid = next(batches), next(batches)
+    train.label, valid.label = train.label.double(), valid.label.double()
+    captured: dict[str, torch.Tensor] = {}
+    method.weigher_optimizer.step = lambda: captured.update(g=method.weigher.logits.grad.clone())  # type: ignore[method-assign]
+    method._controller_step(valid, train, 0)
+    v = method.weigher.logits.detach().clone()
+    h = 1e-5
+    numeric = torch.zeros_like(v)
+    for i in range(len(v)):
+        step = torch.zeros_like(v)
+        step[i] = h
+        numeric[i] = (_unrolled_validation_ce(method, train, valid, v + step, 0.5)
+                      - _unrolled_validation_ce(method, train, valid, v - step, 0.5)) / (2 * h)
+    assert numeric.abs().max() > 1e-6  # the validation CE really depends on V through W*
+    assert torch.allclose(captured["g"], numeric, rtol=1e-4, atol=1e-9)
+
+
+def test_first_order_ce_objective_is_rejected() -> None:
+    with pytest.raises(UserError, match="val_objective=ce needs method.xi > 0"):
+        validate(compose(["data=synthetic-criteo", "method=autoloss", "method.val_objective=ce", "method.xi=0"]))
+    for bad in (["method.xi=-1"], ["method.val_objective=auc"], ["method.kl_smoothing=1"]):
+        with pytest.raises(UserError):
+            validate(compose(["data=synthetic-criteo", "method=autoloss", *bad]))

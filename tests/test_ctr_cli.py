@@ -66,6 +66,10 @@ def test_deepfm_beats_lr_on_planted_pairs_and_no_signal_is_chance(home: Path, da
     header = table.splitlines()[0]
     for column in ("model", "auc", "logloss", "params", "emb MiB", "search s", "train s"):
         assert f" {column} " in header
+    # capacity stays beside the metric whatever --metric selects, in every export
+    csv_header = run_cli("compare", "results", "--metric", "auc", "--format", "csv", home=home,
+                         check=True).stdout.splitlines()[0].split(",")
+    assert {"auc_mean", "parameters_mean", "embedding_bytes_mean"} <= set(csv_header)
 
 
 def test_movielens_offline_binary_with_gauc_and_multiclass(home: Path, ml100k_dir: Path) -> None:

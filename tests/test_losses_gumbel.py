@@ -23,9 +23,31 @@ def test_binary_losses_match_their_formulas() -> None:
     p = torch.sigmoid(logits[:, 0])
     p_y = torch.where(label == 1, p, 1 - p)
     ce = F.binary_cross_entropy_with_logits(logits[:, 0], label, reduction="none")
-    expected = {"focal": (1 - p_y) ** 2 * ce, "kl": ce, "hinge": 2 * (1 - p_y), "ce": ce}
+    target = 0.9 * label + 0.05  # label smoothing ε = 0.1 over 2 classes: y_ε = 0.9 y + 0.05
+    kl = target * torch.log(target / p) + (1 - target) * torch.log((1 - target) / (1 - p))
+    expected = {"focal": (1 - p_y) ** 2 * ce, "kl": kl, "hinge": 2 * (1 - p_y), "ce": ce}
     for i, name in enumerate(CANDIDATES):
         assert torch.allclose(out[:, i], expected[name], atol=1e-10), name
+
+
+@pytest.mark.parametrize("task", [BINARY, MULTI])
+def test_kl_differs_from_ce_unless_the_target_is_one_hot(task: TaskSpec) -> None:
+    """Against a one-hot label KL(y ‖ ŷ) is exactly the cross-entropy (the issue's finding: the paper's KL column
+    would repeat CE); against the smoothed target it is CE(y_ε) - H(y_ε), another loss."""
+    gen = torch.Generator().manual_seed(2)
+    logits = 2 * torch.randn(300, task.n_outputs, generator=gen, dtype=torch.float64)
+    label = (torch.randint(0, task.n_classes, (300,), generator=gen)).to(torch.float64 if task.is_binary else torch.int64)
+    one_hot = candidate_losses(task, logits, label, ["kl", "ce"], LossOptions(kl_smoothing=0.0))
+    assert torch.equal(one_hot[:, 0], one_hot[:, 1]) or (one_hot[:, 0] - one_hot[:, 1]).abs().max() < 1e-12
+    smoothed = candidate_losses(task, logits, label, ["kl", "ce"], LossOptions(kl_smoothing=0.1))
+    assert (smoothed[:, 0] - smoothed[:, 1]).abs().max() > 0.1 and (smoothed[:, 0] >= 0).all()
+    log_p = torch.log_softmax(torch.cat([torch.zeros_like(logits), logits], 1), 1) if task.is_binary \
+        else torch.log_softmax(logits, 1)
+    target = F.one_hot(label.to(torch.int64), task.n_classes).to(torch.float64) * 0.9 + 0.1 / task.n_classes
+    entropy = -(target * target.log()).sum(1)
+    assert torch.allclose(smoothed[:, 0], -(target * log_p).sum(1) - entropy, atol=1e-10)  # CE(y_ε) - H(y_ε)
+    with pytest.raises(UserError):
+        LossOptions(kl_smoothing=1.0)
 
 
 def test_multiclass_losses_match_their_formulas() -> None:
@@ -38,7 +60,8 @@ def test_multiclass_losses_match_their_formulas() -> None:
     others = p.clone()
     others[torch.arange(100), label] = -1
     ce = F.cross_entropy(logits, label, reduction="none")
-    assert torch.allclose(out[:, 0], ce) and torch.allclose(out[:, 1], ce)  # KL(one-hot || ŷ) is the CE
+    target = F.one_hot(label, 5).to(torch.float64) * 0.9 + 0.02  # ε = 0.1 (the default) over 5 classes
+    assert torch.allclose(out[:, 0], ce) and torch.allclose(out[:, 1], (target * (target.log() - p.log())).sum(1))
     assert torch.allclose(out[:, 2], (1 - p_y) ** 0.5 * ce)
     assert torch.allclose(out[:, 3], (0.3 - (p_y - others.max(1).values)).clamp_min(0))
     assert (out[:, 3] == 0).any() and (out[:, 3] > 0).any()  # the margin is really active on some rows

@@ -61,6 +61,9 @@ def test_small_grid_beside_the_paper(home: Path) -> None:
     assert all(i["status"] == "complete" and i["method"] == "autoloss" for i in infos)
     assert {i["task"] for i in infos} == {"binary", "multiclass"} and {i["model"] for i in infos} == {"deepfm", "ipnn"}
     assert "not comparable" in done.stdout
+    notes = (home / "table2.md").read_text()  # says which KL the KL column is, and the baseline
+    assert "KL: KL(y_ε ‖ ŷ) against a label-smoothed target" in notes and "ε = 0.1" in notes
+    assert "ξ = 0.001" in notes and "CE is FIXED on it" in notes
 
 
 def test_missing_raw_data_stops_with_instructions(home: Path) -> None:

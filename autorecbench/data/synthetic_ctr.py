@@ -39,6 +39,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -294,12 +295,60 @@ def _avazu_chunk(raw: list[str], fields: list[FieldModel], cats: np.ndarray, cli
                          *[columns.get(name, constant[name]) for name in raw]])
 
 
-def generate_ctr(kind: str, spec: CTRGenerator, directory: Path) -> Path:
-    """Write the raw file (``train.txt`` for Criteo, ``train.csv`` for Avazu) and the planted truth."""
+def planted_model(kind: str, spec: CTRGenerator) -> tuple[list[str], ClickModel]:
+    """The format's raw field names and the seeded click model (fields, informative fields, planted pairs,
+    calibrated bias) that :func:`generate_ctr` writes rows from."""
     rng = np.random.default_rng(spec.seed)
     raw, fields = _build_fields(spec, kind, rng)
     model = _click_model(spec, fields, rng)
     model.bias = _calibrate_bias(model, spec, spec.seed)
+    return raw, model
+
+
+@dataclass
+class PlantedClicks:
+    """Rows drawn from a click model in memory, without writing a file: ``categories`` ``[rows, fields]`` holds
+    each active field's category index (``cardinality`` = the missing value, so a field has ``cardinality + 1``
+    codes), ``clicks`` the 0/1 labels drawn from ``p_click``."""
+
+    model: ClickModel
+    categories: np.ndarray
+    clicks: np.ndarray
+    p_click: np.ndarray
+
+    @property
+    def names(self) -> list[str]:
+        return [f.name for f in self.model.fields]
+
+    @property
+    def codes(self) -> list[int]:
+        """Codes per field (its categories and the missing value)."""
+        return [f.cardinality + 1 for f in self.model.fields]
+
+
+def draw_clicks(kind: str, spec: CTRGenerator) -> PlantedClicks:
+    """``spec.rows`` rows of the click model :func:`generate_ctr` would write for ``spec`` (the same fields, truth
+    and row draws), kept as category indices in memory: planted-truth checks that need no file."""
+    _, model = planted_model(kind, spec)
+    chunks = [(cats, clicks, p) for _, _, cats, p, clicks in _row_chunks(model, spec)]
+    return PlantedClicks(model, *(np.concatenate(parts) for parts in zip(*chunks)))
+
+
+def _row_chunks(model: ClickModel, spec: CTRGenerator
+                ) -> Iterator[tuple[int, np.random.Generator, np.ndarray, np.ndarray, np.ndarray]]:
+    """The rows chunk by chunk: (start, the chunk's generator, categories, click probabilities, clicks)."""
+    for chunk, start in enumerate(range(0, spec.rows, CHUNK_ROWS)):
+        n = min(CHUNK_ROWS, spec.rows - start)
+        crng = np.random.default_rng([spec.seed, 1, chunk])
+        cats = _draw_categories(model.fields, n, spec.missing_rate, crng)
+        p = 1 / (1 + np.exp(-(model.logits(cats) + model.bias)))
+        yield start, crng, cats, p.astype(np.float32), (crng.random(n) < p).astype(np.int8)
+
+
+def generate_ctr(kind: str, spec: CTRGenerator, directory: Path) -> Path:
+    """Write the raw file (``train.txt`` for Criteo, ``train.csv`` for Avazu) and the planted truth."""
+    raw, model = planted_model(kind, spec)
+    fields = model.fields
     filename = "train.txt" if kind == "criteo" else "train.csv"
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -311,13 +360,8 @@ def generate_ctr(kind: str, spec: CTRGenerator, directory: Path) -> Path:
             from autorecbench.data.avazu import HEADER
 
             out.write((",".join(HEADER) + "\n").encode())
-        for chunk, start in enumerate(range(0, spec.rows, CHUNK_ROWS)):
-            n = min(CHUNK_ROWS, spec.rows - start)
-            crng = np.random.default_rng([spec.seed, 1, chunk])
-            cats = _draw_categories(fields, n, spec.missing_rate, crng)
-            p = 1 / (1 + np.exp(-(model.logits(cats) + model.bias)))
-            clicks = (crng.random(n) < p).astype(np.int8)
-            p_click[start:start + n] = p
+        for start, crng, cats, p, clicks in _row_chunks(model, spec):
+            p_click[start:start + len(p)] = p
             clicks_total += int(clicks.sum())
             if kind == "criteo":
                 frame = _criteo_chunk(raw, fields, cats, clicks, crng, start)

@@ -5,10 +5,12 @@ Hetu's unofficial ``AutoDimEmbedding`` was read, not copied). How each part maps
 - Search space: every field f has candidate dimensions ``d_1 < ... < d_A`` (``candidates``, default
   {2, 4, 8, 16, 32, 64}); search space ``A^F`` (survey Table 2: w^F).
 - "Each feature field is defined in the w embedding spaces and then unified and normalized into the same
-  space", as AutoEmb (survey Eq. 19): candidate a of field f gives ``ê = BN(W_fa e_fa + b_fa)``, a per-field,
-  per-candidate linear map to the unified size U (``unified_dim``, default the largest candidate) followed by
-  batch-norm: :class:`SearchEmbedding`. Two variants (``variant``): ``separate`` — one table per candidate;
-  ``shared`` (weight-sharing) — one table of the largest size, candidate a reads its first ``d_a`` columns.
+  space", as AutoEmb (survey Eq. 19 and the text after it: a linear map, then "Batch-Norm with the Tanh
+  activation"): candidate a of field f gives ``ê = tanh(BN(W_fa e_fa + b_fa))``, a per-field, per-candidate
+  linear map to the unified size U (``unified_dim``, default the largest candidate), batch-norm and tanh
+  (``unified_activation: tanh``; ``none`` drops the tanh, as Hetu's unofficial code): :class:`SearchEmbedding`.
+  Two variants (``variant``): ``separate`` — one table per candidate; ``shared`` (weight-sharing) — one table
+  of the largest size, candidate a reads its first ``d_a`` columns.
 - Selection: architecture weights α_f (softmax of free logits, uniform at the start) per field; Gumbel-softmax
   (survey Eq. 11–12) with hard straight-through selection gives p_f, and the field's embedding is
   ``Σ_a p_fa ê_fa`` — one candidate in the forward pass, gradients to every α_fa.
@@ -16,12 +18,29 @@ Hetu's unofficial ``AutoDimEmbedding`` was read, not copied). How each part maps
   on a validation batch (``loop.valid_batch()``), then every other weight with Adam on the training batch:
   :meth:`AutoDim.search`.
 - Derive: ``argmax_a α_fa`` per field. Retrain: a fresh backbone whose field f has a table of size d_f, mapped to
-  U by its own linear map and batch-norm (:class:`MixedDimEmbedding`), so FM / inner-product layers still see
-  one size; only the tables count as embedding bytes.
+  U by its own linear map, batch-norm and tanh (:class:`MixedDimEmbedding`), so FM / inner-product layers still
+  see one size; only the tables count as embedding bytes. The re-trained model computes at size U: the
+  capacity-matched baseline is FIXED with every field at U (``method.embedding_dim=64`` for the defaults), not
+  FIXED at the backbone's 16 — the planted-truth validation (``autorecbench/validate/autodim.py``) compares
+  with it.
 
 Recorded: the chosen dimension and α per field (``dims.parquet``, ``architecture.json``), the retrained
 embedding bytes against FIXED's (every field at the unified size U — the AutoDim paper's full-dimension
 baseline — and at the backbone's ``model.embedding_dim``), and ``search_seconds`` (the runner).
+
+Deviations from the survey's description and from Hetu's unofficial code (no official code exists), each with
+the switch that undoes it:
+- the unifying batch-norm has a learned scale starting at 1e-4 (``batch_norm_affine: true``,
+  ``batch_norm_scale_init: null``); Hetu's has no scale or shift (``batch_norm_affine: false``; see below why
+  the default differs);
+- every example draws its own Gumbel selection (``gumbel_noise: example``); Hetu's draws once per field and
+  step (``batch``);
+- the re-trained model keeps the unifying batch-norm and tanh (``retrain_batch_norm: true``,
+  ``unified_activation: tanh``; ``false`` / ``none`` drop them);
+- tanh after the batch-norm (the survey's reading of AutoEmb's unifying step); Hetu has none
+  (``unified_activation: none``).
+The optimisation is first-order DARTS (ξ = 0); the survey does not say which order the AutoDim paper uses, and
+there is no switch for a second-order step.
 
 Choices the survey leaves open, with their defaults (``conf/method/autodim.yaml``):
 - ``tau_start: 1``, ``tau_decay: 5e-5``, ``tau_min: 0.01``: τ = max(0.01, 1 - 0.00005 t), the annealing of the
@@ -61,6 +80,7 @@ from autorecbench.errors import UserError
 from autorecbench.train.gumbel import TemperatureSchedule, gumbel_softmax
 from autorecbench.methods.base import MethodContext, OfflineLoop, register_method
 from autorecbench.methods.offline_common import BackboneMethod, check_positive
+from autorecbench.models.activations import tanh
 from autorecbench.models.backbones import logloss
 from autorecbench.models.layers import field_offsets
 from autorecbench.models.rating import output_probabilities
@@ -70,6 +90,7 @@ if TYPE_CHECKING:
 
 VARIANTS = ("separate", "shared")
 NOISE = ("batch", "example")
+ACTIVATIONS = ("tanh", "none")
 FLOAT_BYTES = 4
 
 
@@ -85,12 +106,12 @@ def _init_scale(norm: nn.BatchNorm1d, scale: float) -> None:
         nn.init.constant_(norm.weight, scale)
 
 
-def _normalise(norm: nn.BatchNorm1d | None, h: torch.Tensor) -> torch.Tensor:
-    """Batch-norm over every (field, unit) channel of ``h [B, F, U]``."""
-    if norm is None:
-        return h
-    b, f, u = h.shape
-    return norm(h.reshape(b, f * u)).reshape(b, f, u)
+def _normalise(norm: nn.BatchNorm1d | None, h: torch.Tensor, squash: bool) -> torch.Tensor:
+    """Batch-norm over every (field, unit) channel of ``h [B, F, U]``, then tanh when ``squash``."""
+    if norm is not None:
+        b, f, u = h.shape
+        h = norm(h.reshape(b, f * u)).reshape(b, f, u)
+    return tanh(h) if squash else h
 
 
 class SearchEmbedding(nn.Module):
@@ -98,12 +119,13 @@ class SearchEmbedding(nn.Module):
     field, unified to U. In evaluation mode it uses the derived architecture (argmax α per field)."""
 
     def __init__(self, cardinalities: Sequence[int], candidates: Sequence[int], unified_dim: int, init_std: float,
-                 shared: bool, sparse: bool, affine: bool, scale_init: float, noise: str) -> None:
+                 shared: bool, sparse: bool, affine: bool, scale_init: float, noise: str, squash: bool = True) -> None:
         super().__init__()
         self.candidates = sorted(int(c) for c in candidates)
         self.dim = unified_dim
         self.shared = shared
         self.noise = noise
+        self.squash = squash
         self.tau = 1.0
         self.hard = True
         n_fields, rows = len(cardinalities), sum(cardinalities)
@@ -127,7 +149,7 @@ class SearchEmbedding(nn.Module):
         for a, d in enumerate(self.candidates):
             e = full[..., :d] if full is not None else self.tables[a](index)  # weight-sharing: first d columns
             h = torch.einsum("bfd,fdu->bfu", e, self.weights[a]) + self.biases[a]
-            outs.append(_normalise(self.norms[a], h))
+            outs.append(_normalise(self.norms[a], h, self.squash))
         return outs
 
     def probabilities(self) -> torch.Tensor:
@@ -161,10 +183,11 @@ class MixedDimEmbedding(nn.Module):
     batch-norm). Fields of one size share one stacked table and one batched map."""
 
     def __init__(self, cardinalities: Sequence[int], dims: Sequence[int], unified_dim: int, init_std: float,
-                 sparse: bool, batch_norm: bool, affine: bool, scale_init: float) -> None:
+                 sparse: bool, batch_norm: bool, affine: bool, scale_init: float, squash: bool = True) -> None:
         super().__init__()
         self.field_dims = [int(d) for d in dims]
         self.dim = unified_dim
+        self.squash = squash
         sizes = sorted(set(self.field_dims))
         self.groups = nn.ModuleList()
         order: list[int] = []
@@ -190,7 +213,7 @@ class MixedDimEmbedding(nn.Module):
         for group in self.groups:
             e = group.table(x[:, group.fields] + group.offsets)
             parts.append(torch.einsum("bfd,fdu->bfu", e, group.weight) + group.bias)
-        return _normalise(self.norm, torch.cat(parts, dim=1)[:, self.inverse])
+        return _normalise(self.norm, torch.cat(parts, dim=1)[:, self.inverse], self.squash)
 
 
 @register_method
@@ -198,6 +221,9 @@ class AutoDim(BackboneMethod):
     name = "autodim"
     description = "Field-wise embedding-dimension search: Gumbel-softmax over candidate sizes, first-order DARTS"
     paper = "Zhao et al., WWW 2021 (AutoDim); survey §4.2"
+    fidelity = "faithful, deviations documented"
+    deviations = ("spec is the survey (no official code); vs Hetu's code: affine BN starting at 1e-4, per-example "
+                  "Gumbel draws, tanh after BN (all switches); first-order DARTS only")
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
@@ -208,6 +234,7 @@ class AutoDim(BackboneMethod):
         self.unified = int(cfg.unified_dim) if cfg.unified_dim is not None else self.candidates[-1]
         self.schedule = TemperatureSchedule(float(cfg.tau_start), float(cfg.tau_decay), float(cfg.tau_min))
         self.scale_init = float(cfg.batch_norm_scale_init if cfg.batch_norm_scale_init is not None else cfg.init_std)
+        self.squash = str(cfg.unified_activation) == "tanh"
         self.searched: dict[str, Any] = {}
         self.alpha_rows: list[dict[str, Any]] = []
 
@@ -218,6 +245,8 @@ class AutoDim(BackboneMethod):
             raise UserError(f"method.candidates must be at least two distinct sizes >= 1, got {candidates}")
         if str(cfg.variant) not in VARIANTS:
             raise UserError(f"method.variant must be one of {', '.join(VARIANTS)}, got {cfg.variant!r}")
+        if str(cfg.unified_activation) not in ACTIVATIONS:
+            raise UserError(f"method.unified_activation must be one of {', '.join(ACTIVATIONS)}, got {cfg.unified_activation!r}")
         if str(cfg.gumbel_noise) not in NOISE:
             raise UserError(f"method.gumbel_noise must be one of {', '.join(NOISE)}, got {cfg.gumbel_noise!r}")
         check_positive(cfg, "lr", "arch_lr", "tau_start", "tau_min")
@@ -238,7 +267,7 @@ class AutoDim(BackboneMethod):
         embedding = SearchEmbedding(self.cardinalities, self.candidates, self.unified, float(cfg.init_std),
                                     shared=str(cfg.variant) == "shared", sparse=self.sparse,
                                     affine=bool(cfg.batch_norm_affine), scale_init=self.scale_init,
-                                    noise=str(cfg.gumbel_noise))
+                                    noise=str(cfg.gumbel_noise), squash=self.squash)
         embedding.hard = bool(cfg.straight_through)
         model = self.new_backbone(embedding)
         arch_optimizer = torch.optim.Adam([embedding.arch], lr=float(cfg.arch_lr))
@@ -290,7 +319,7 @@ class AutoDim(BackboneMethod):
         dims = [int(architecture["chosen_dim"][f.name]) for f in self.ctx.schema.fields]
         embedding = MixedDimEmbedding(self.cardinalities, dims, self.unified, float(cfg.init_std), self.sparse,
                                       batch_norm=bool(cfg.retrain_batch_norm), affine=bool(cfg.batch_norm_affine),
-                                      scale_init=self.scale_init)
+                                      scale_init=self.scale_init, squash=self.squash)
         self.model = self.new_backbone(embedding)
         self.optimizer = self.adam(self.model, float(cfg.lr))
 

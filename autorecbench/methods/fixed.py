@@ -112,11 +112,20 @@ class FixedOffline(BackboneMethod):
     ``method.embedding_dim`` and ``method.init_std`` default to the backbone's ``model.embedding_dim`` (16,
     AutoLoss §3.3) and ``model.embedding_init_std``; ``method.embedding_optimizer`` to the backbone's
     ``model.embedding_optimizer`` (``dense``: plain Adam over every table row, as pytorch-fm and FuxiCTR).
+
+    As the baseline of a search method it must match the capacity the searched model computes with: AutoDim's
+    re-trained model maps every field to its unified size (``method.embedding_dim=64`` for AutoDim's defaults),
+    AutoFIS-DeepFM has a 5 × 700 MLP (``model.hidden=[700,700,700,700,700] model.dropout=0
+    model.batch_norm_affine=false``). Nothing else differs from the paper's settings: the choices it leaves open
+    (initialisation, optimiser over the tables) are the config values above.
     """
 
     name = "fixed"
     description = "The backbone with one embedding size for every field (FIXED baseline)"
     paper = "Zhao et al., KDD 2021 (AutoLoss) §3.3 backbone settings"
+    fidelity = "faithful"
+    deviations = ("none: the backbone with §3.3's settings; match a search method's capacity with "
+                  "method.embedding_dim / model.hidden (README)")
 
     check_config = Fixed.check_config
 

@@ -51,6 +51,7 @@ class BackboneConfig:
     embedding_dim: int = 16
     hidden: tuple[int, ...] = (128, 128)
     batch_norm: bool = True
+    batch_norm_affine: bool = True  # the MLP's batch-norm learns a scale and shift (false: BN(W h) + b, the AutoFIS code's)
     dropout: float = 0.2
     activation: str = "relu"
     embedding_init_std: float = 1e-4
@@ -120,7 +121,8 @@ class CTRBackbone(nn.Module):
         return FirstOrder(self.cardinalities, self.n_outputs, self.sparse)
 
     def deep(self, in_dim: int) -> tuple[MLP, nn.Linear]:
-        mlp = MLP(in_dim, self.cfg.hidden, self.cfg.batch_norm, self.cfg.dropout, self.cfg.activation)
+        mlp = MLP(in_dim, self.cfg.hidden, self.cfg.batch_norm, self.cfg.dropout, self.cfg.activation,
+                  affine=self.cfg.batch_norm_affine)
         return mlp, nn.Linear(mlp.out_dim, self.n_outputs)
 
 

@@ -86,17 +86,34 @@ def fm_vector(e: torch.Tensor) -> torch.Tensor:
     return 0.5 * (total * total - (e * e).sum(dim=1))
 
 
+class AddBias(nn.Module):
+    """``h + b`` with a learned ``b`` (zeros at the start)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(width))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.bias
+
+
 class MLP(nn.Module):
     """Eq. 5: fully connected layers, each Linear -> BatchNorm -> activation -> Dropout (§3.3: two layers of
-    128, batch-norm, dropout 0.2, ReLU). ``out_dim`` is the width of the last layer."""
+    128, batch-norm, dropout 0.2, ReLU). ``out_dim`` is the width of the last layer. ``affine``: the batch-norm
+    has a learned scale and shift (PyTorch's default); without, a layer is ``BN(W h) + b`` — no scale, the
+    layer's bias after the normalisation (the AutoFIS code's MLP), with as many parameters as a Linear layer."""
 
-    def __init__(self, in_dim: int, hidden: Sequence[int], batch_norm: bool, dropout: float, activation: str) -> None:
+    def __init__(self, in_dim: int, hidden: Sequence[int], batch_norm: bool, dropout: float, activation: str,
+                 affine: bool = True) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         width = in_dim
         for h in hidden:
-            layers.append(nn.Linear(width, h))
-            if batch_norm:
+            if batch_norm and not affine:
+                layers += [nn.Linear(width, h, bias=False), nn.BatchNorm1d(h, affine=False), AddBias(h)]
+            else:
+                layers.append(nn.Linear(width, h))
+            if batch_norm and affine:
                 layers.append(nn.BatchNorm1d(h))
             layers.append(ACTIVATIONS[activation]())
             if dropout > 0:

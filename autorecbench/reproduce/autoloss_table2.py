@@ -123,6 +123,27 @@ def run_grid(cells: list[Cell], seeds: list[int], small: bool, extra: list[str])
                 cell.values.setdefault(str(metric), []).append(float(value))
 
 
+def notes(extra: list[str]) -> list[str]:
+    """What the printout's columns are, read from the AutoLoss config the runs used: which KL the KL column is,
+    how the controller was trained, and the capacity-matched baseline."""
+    from autorecbench.config import compose
+
+    cfg = compose(["data=synthetic-criteo", "method=autoloss", *extra]).method
+    eps, xi = float(cfg.kl_smoothing), float(cfg.xi)
+    if eps > 0:
+        kl = (f"KL: KL(y_ε ‖ ŷ) against a label-smoothed target y_ε = (1 - ε) one_hot(y) + ε / C, ε = {eps:g} "
+              "(method.kl_smoothing); against the one-hot label KL equals CE exactly and its column would repeat CE's.")
+    else:
+        kl = ("KL: against the one-hot label (method.kl_smoothing=0), which makes it CE exactly: the KL column "
+              "differs from CE's only through randomness.")
+    order = "first order (W* = W)" if xi == 0 else f"Eq. 13 with ξ = {xi:g} (one-step unrolled DRS)"
+    return [kl,
+            f"AutoLoss, DARTS, AL-2: the controller (or α) steps on the {cfg.val_objective} validation loss "
+            f"(method.val_objective), {order} (method.xi); each run's loss choices are in loss_weights.parquet.",
+            "Capacity: every column trains the same backbone (embedding sizes and MLP): CE is FIXED on it, the "
+            "capacity-matched baseline of every other column."]
+
+
 def _fmt(mean: float | None, std: float | None) -> str:
     if mean is None or math.isnan(mean):
         return "–"
@@ -214,8 +235,11 @@ def command(
     text = render(header, rows, fmt)
     if text is not None:
         out_console.print(text, highlight=False, soft_wrap=True)
+    lines = notes(list(extra or []))
+    for line in lines:
+        out_console.print(line, highlight=False, soft_wrap=True)
     if output is not None:
-        output.write_text(render(header, rows, "markdown") + "\n")  # type: ignore[operator]
+        output.write_text(render(header, rows, "markdown") + "\n\n" + "\n".join(f"- {n}" for n in lines) + "\n")  # type: ignore[operator]
         out_console.print(f"written: {output}", highlight=False)
     if small:
         out_console.print("synthetic stand-ins: the paper's rows show the layout, they are not comparable",

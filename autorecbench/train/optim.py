@@ -173,6 +173,15 @@ class SplitAdam:
         for opt in self.optimizers:
             opt.step()
 
+    def scale_lr(self, factor: float) -> None:
+        """Multiply every learning rate by ``factor`` (a step of a learning-rate decay)."""
+        for opt in self.optimizers:
+            if isinstance(opt, FlatAdam):
+                opt.lr *= factor
+            else:
+                for group in opt.param_groups:
+                    group["lr"] *= factor
+
     def embedding_state_bytes(self) -> int:
         """Bytes of optimiser state (Adam moments) held for the embedding tables."""
         return self.state_bytes(self._embedding_ids)
