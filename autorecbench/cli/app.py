@@ -12,6 +12,7 @@ import typer
 
 from autorecbench import __version__
 from autorecbench.cli.reproduce import reproduce_app
+from autorecbench.cli.validate import add_to as add_validate
 from autorecbench.console import err_console, out_console, run_app, setup_logging
 from autorecbench.errors import UserError
 
@@ -290,6 +291,9 @@ def data_fetch(
     else:
         raise UserError(f"no automatic download for {name!r}: {cfg.download or cfg.url} (or use --from DIR)")
     out_console.print(f"{name}: {', '.join(p.name for p in copied)} -> {target}", highlight=False, soft_wrap=True)
+
+
+add_validate(app)
 
 
 def main() -> None:
