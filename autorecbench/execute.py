@@ -13,7 +13,6 @@ import os
 import random
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,16 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 def prepare_data(cfg: DictConfig) -> PreparedData:
     return prepare(DatasetConfig.from_mapping(cfg.data))
+
+
+def with_raw_ids(rows: list[dict[str, Any]], prepared: PreparedData) -> list[dict[str, Any]]:
+    """Rows keyed by ``entity`` (user/item) and ``code`` get ``raw_id`` (the id in the raw file) after
+    ``entity``; other rows are returned as they are."""
+    if not rows or not {"entity", "code"} <= rows[0].keys():
+        return rows
+    raw = {entity: prepared.raw_ids(entity) for entity in {r["entity"] for r in rows}}
+    return [{"entity": r["entity"], "raw_id": raw[r["entity"]][r["code"]],
+             **{k: v for k, v in r.items() if k != "entity"}} for r in rows]
 
 
 def _cost_rows(runner_cost: dict[str, float], memory: dict[str, Any], wall: float, peak_rss: int) -> list[dict[str, Any]]:
@@ -132,7 +141,8 @@ def execute(
         memory = method.memory().to_dict()
         wall = time.perf_counter() - t0
         peak_rss = envinfo.peak_rss_bytes()
-        folder.write_table("metrics", ids, result.metrics + _cost_rows(result.cost, memory, wall, peak_rss))
+        folder.write_table("metrics", ids,
+                           result.metrics + method.metrics() + _cost_rows(result.cost, memory, wall, peak_rss))
         for name, rows in result.tables.items():
             folder.write_table(name, ids, rows)
         folder.write_json("architecture.json", method.architecture())
@@ -141,7 +151,7 @@ def execute(
         if clash:
             raise RuntimeError(f"method report names {sorted(clash)} clash with the run's own files")
         for name, rows in reports.items():
-            folder.write_table(name, ids, rows)
+            folder.write_table(name, ids, with_raw_ids(rows, prepared))
         info.update(
             status="complete",
             finished_at=dt.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -157,12 +167,7 @@ def execute(
         log_finished_run(_logger_options(cfg), Path(str(cfg.paths.root)), folder.path)
         final = folder.finalize()
     except BaseException as exc:
-        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-        info.update(status=status, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
-        try:
-            folder.write_json("run.json", info)
-        except OSError:
-            pass
+        folder.record_failure(info, exc)
         raise
     log.info("run %s complete in %.1fs (%s)", final.name, info["wall_seconds"], result.rate)
     return final

@@ -242,7 +242,7 @@ def test_methods_lists_fixed() -> None:
 
 
 @pytest.mark.parametrize("command", [[], ["run"], ["compare"], ["methods"], ["data"], ["data", "list"],
-                                     ["data", "prepare"], ["data", "info"], ["data", "fetch"]])
+                                     ["data", "prepare"], ["data", "info"], ["data", "fetch"], ["validate"]])
 def test_help_everywhere(command: list[str]) -> None:
     done = run_cli(*command, "--help", check=True)
     assert "Usage" in done.stdout and len(done.stdout) > 200

@@ -11,8 +11,8 @@ from autorecbench.config import compose
 from autorecbench.data.schema import TaskSpec
 from autorecbench.data.stream import StreamHistory, load_stream, within_batch_rank
 from autorecbench.methods.base import MethodContext, method_class
-from autorecbench.methods.esapn import ENLARGE, LossQueue, PolicyStates, adjusted_unified
-from autorecbench.methods.sizesearch import last_rows
+from autorecbench.methods.esapn import ENLARGE, LossQueue, PolicyStates
+from autorecbench.methods.sizesearch import FIELDS, last_rows
 from conftest import make_streaming_method, prepare_synthetic
 
 CPU = torch.device("cpu")
@@ -117,31 +117,23 @@ def test_temporary_adjustments_in_the_policy_step_leave_no_trace(prepared) -> No
         assert torch.equal(q.losses, queues[f][0]) and torch.equal(q.count, queues[f][1])
 
 
-def test_adjusted_rows_use_the_enlarged_embedding_through_w(prepared) -> None:
-    """Line 4: a row whose action is "enlarge" is computed from W_{k->k+1} e + b mapped up from k+1; others from
-    e. Duplicated entities may take different actions on different rows; rows at the top size cannot enlarge."""
+def test_an_enlargement_through_w_leaves_the_unified_embedding_unchanged(prepared) -> None:
+    """Eq. 1 chained: W_{k->k+1} e + b mapped up from k+1 is e mapped up from k, for every size below the top.
+    This is why line 4's temporary adjustment only moves a row to the next size group (its normalisation, with
+    norm_scope=per_size) and does not recompute its unified embedding."""
     method = make(prepared)
     warm(method, prepared, 2)
     store, maps = method.stores["item"], method.maps["item"]
     top = len(method.sizes) - 1
-    below = torch.nonzero((store.size_of >= 0) & (store.size_of < top)).squeeze(1)[:6]
-    store.move(below[:1], [None] * top + [torch.zeros(1, method.sizes[top])], torch.tensor([top]))  # one at the top
-    ids = torch.cat([below, below[:3]])
-    enlarge = torch.arange(ids.numel()) % 2 == 0
+    ids = torch.nonzero((store.size_of >= 0) & (store.size_of < top)).squeeze(1)[:6]
     lookup = store.lookup(ids, distinct=True)
     with torch.no_grad():
-        got = adjusted_unified(lookup, enlarge, maps)
+        current = maps(lookup)
         for r in range(ids.numel()):
             k = int(lookup.size_index[r])
-            e = lookup.row_value(r)[None]
-            if enlarge[r] and k < top:
-                values = [v[:0] for v in lookup.values]
-                values[k + 1] = maps.step(k, e)
-            else:
-                values = [v[:0] for v in lookup.values]
-                values[k] = e
-            assert torch.allclose(got[r], maps.unified(values)[0], atol=1e-6), r
-        assert torch.allclose(got, maps(lookup), atol=1e-5)  # Eq. 1 chained: the same unified embeddings
+            values = [v[:0] for v in lookup.values]
+            values[k + 1] = maps.step(k, lookup.row_value(r)[None])
+            assert torch.allclose(maps.unified(values)[0], current[r], atol=1e-5), r
 
 
 @pytest.mark.parametrize("batch_norm", ["batch", "running"])
@@ -231,9 +223,10 @@ def test_predict_changes_nothing_and_matches_the_prediction_after_enlargement(pr
         assert torch.equal(first, method.predict(batch))
     for f, s in method.stores.items():
         assert all(torch.equal(v, stores[f][k]) for k, v in s.state_tensors().items())
-    method.select_sizes(batch)  # Algorithm 1 lines 8-9 as the official code runs them before predicting
-    with torch.no_grad():
-        assert torch.allclose(method.predict(batch), first, atol=1e-5)
+    method.select_sizes(batch)  # Algorithm 1 lines 8-9 for good, as the official code runs them before predicting
+    with torch.no_grad():  # the stored sizes now give what predict gave by enlarging temporarily
+        fields = {f: method._rows(f, method.stores[f].lookup(method._ids(batch, f)[0], distinct=True)) for f in FIELDS}
+        assert torch.allclose(torch.sigmoid(method._logits(fields)[:, 0]), first, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["esapn", "darts", "autoemb"])
@@ -278,18 +271,153 @@ def test_non_default_options_learn_and_predict(prepared, name: str, overrides: d
 @pytest.mark.parametrize("task", ["binary", "multiclass"])
 def test_one_pass_test_then_train_predicts_what_predict_would_and_learns_the_same(prepared, task: str) -> None:
     """``predict_and_learn`` (batch-statistics batch-norm) takes the predictions from line 10's forward pass:
-    they equal ``predict``'s before learning (up to rounding), and the method ends in the state ``learn`` gives."""
-    one, two = make(prepared, task=task), make(prepared, task=task)
+    they equal ``predict``'s between the policy step and lines 8-10 (up to rounding), and the method ends in the
+    state ``learn`` gives."""
+    one, two, three = make(prepared, task=task), make(prepared, task=task), make(prepared, task=task)
     stream, history = warm(one, prepared, 3, task=task)
     warm(two, prepared, 3, task=task)
+    warm(three, prepared, 3, task=task)
     batch = stream.rows(slice(750, 1000), 3)
     predicted, loss = one.predict_and_learn(batch, history)
-    with torch.no_grad():
-        expected = two.predict(batch)
+    two.shares_forward_pass = lambda: False  # predict, then learn
+    expected, loss_two = two.predict_and_learn(batch, history)
     assert torch.allclose(predicted, expected, atol=1e-5)
-    assert torch.equal(loss, two.learn(batch, history))
-    for a, b in zip(one.model.parameters(), two.model.parameters()):
+    assert torch.equal(loss, loss_two) and torch.equal(loss, three.learn(batch, history))
+    for a, b in zip(one.model.parameters(), three.model.parameters()):
         assert torch.equal(a, b)
     for f in ("user", "item"):
         for k, v in one.stores[f].state_tensors().items():
-            assert torch.equal(v, two.stores[f].state_tensors()[k]), (f, k)
+            assert torch.equal(v, three.stores[f].state_tensors()[k]), (f, k)
+
+
+@pytest.mark.parametrize("affine", ["shared", "per_size"])
+@pytest.mark.parametrize("batch_norm", ["batch", "running"])
+def test_size_norm_equals_batch_norm_group_by_group(affine: str, batch_norm: str) -> None:
+    """SizeNorm against a loop over groups of F.batch_norm (outputs, gradients, running statistics); a group of
+    one row normalises to β."""
+    from autorecbench.models.norm import SizeNorm
+
+    torch.manual_seed(0)
+    norm = SizeNorm(4, 8, batch_norm, affine)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)
+        norm.bias.uniform_(-1.0, 1.0)
+    x = (torch.randn(30, 8) * 3 + 1).requires_grad_(True)
+    group = torch.tensor([0] * 12 + [2] * 17 + [3])  # group 1 empty, group 3 a single row
+    out = norm(x, group)
+    upstream = torch.randn(30, 8)
+    (out * upstream).sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    w_ref, b_ref = norm.weight.detach().clone().requires_grad_(True), norm.bias.detach().clone().requires_grad_(True)
+    ref = torch.empty(30, 8)
+    parts = []
+    for k in (0, 2, 3):
+        rows = (group == k).nonzero().squeeze(1)
+        xs = x_ref[rows]
+        mean, var = xs.mean(0), xs.var(0, unbiased=False)
+        w, b = (w_ref[k], b_ref[k]) if affine == "per_size" else (w_ref[0], b_ref[0])
+        parts.append((rows, (xs - mean) / torch.sqrt(var + 1e-5) * w + b))
+    for rows, value in parts:
+        ref = ref.index_put((rows,), value)
+    (ref * upstream).sum().backward()
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert torch.allclose(out[-1], norm.bias[-1 if affine == "per_size" else 0].detach())
+    assert torch.allclose(x.grad, x_ref.grad, atol=1e-4)
+    assert torch.allclose(norm.weight.grad, w_ref.grad, atol=1e-4)
+    if batch_norm == "running":  # groups of >= 2 rows moved 10% towards their statistics; others did not
+        assert torch.allclose(norm.running_mean[0], 0.1 * x[:12].mean(0).detach(), atol=1e-5)
+        assert torch.allclose(norm.running_var[2], 0.9 + 0.1 * x[12:29].var(0).detach(), atol=1e-4)
+        assert torch.equal(norm.running_mean[1], torch.zeros(8)) and torch.equal(norm.running_var[3], torch.ones(8))
+        norm.eval()
+        with torch.no_grad():
+            y = norm(x, group)
+        expected = (x[0] - norm.running_mean[0]) / torch.sqrt(norm.running_var[0] + 1e-5) * norm.weight[0] + norm.bias[0]
+        assert torch.allclose(y[0], expected.detach(), atol=1e-5)
+
+
+@pytest.mark.parametrize("batch_norm", ["batch", "running"])
+def test_the_reward_depends_on_the_action_with_per_size_norm_and_not_with_selected(prepared, batch_norm: str) -> None:
+    """policy_action_sensitivity (mean |L(enlarge) − L(unchange)| on validation rows): > 0 with per-size
+    batch-norm, exactly 0 with one batch-norm for all sizes (Eq. 1 makes the unified embeddings equal)."""
+    from autorecbench.runners.streaming import StreamingConfig, StreamingRunner
+
+    values = {}
+    for scope in ("per_size", "selected"):
+        method = make(prepared, norm_scope=scope, sensitivity_every=1, model_overrides={"batch_norm": batch_norm})
+        StreamingRunner(StreamingConfig(batch_size=250)).run(method, load_stream(prepared, TaskSpec.from_name("binary"), CPU, max_rows=2000))
+        row, share = method.metrics()
+        assert (row["split"], row["metric"], share["metric"]) == ("search", "policy_action_sensitivity",
+                                                                  "policy_enlarge_share")
+        assert 0.0 <= share["value"] <= 1.0
+        values[scope] = row["value"]
+    assert values["per_size"] > 1e-4 and values["selected"] == 0.0, values
+    assert [r["metric"] for r in make(prepared, sensitivity_every=0).metrics()] == ["policy_enlarge_share"]
+
+
+def test_reward_queue_of_the_official_code_keeps_one_loss_per_entity_per_batch() -> None:
+    """reward_queue=batches: an entity's last row of each batch enters its FIFO, and the count is in batches."""
+    gen = torch.Generator().manual_seed(1)
+    queue = LossQueue(5, 3, CPU, per_batch=True)
+    reference = {i: deque(maxlen=3) for i in range(5)}
+    for _ in range(25):
+        ids = torch.randint(0, 5, (8,), generator=gen)
+        losses = torch.rand(8, generator=gen)
+        queue.push(ids, losses)
+        last = {}
+        for i, loss in zip(ids.tolist(), losses.tolist()):
+            last[i] = loss
+        for i, loss in last.items():
+            reference[i].append(loss)
+        mean, have = queue.mean(torch.arange(5))
+        for i in range(5):
+            assert int(have[i]) == len(reference[i])
+            assert float(mean[i]) == pytest.approx(sum(reference[i]) / max(len(reference[i]), 1), abs=1e-6)
+
+
+def test_frequency_restart_counts_from_the_evaluation_window(prepared) -> None:
+    """frequency_restart: the policy's frequency of a row in the evaluation window is its entity's occurrence
+    number counted from the window's first row (slices and sampled rows alike); before it, the stream's."""
+    method = make(prepared, frequency_restart=True)
+    stream = load_stream(prepared, TaskSpec.from_name("binary"), CPU)
+    start = 2600
+    history = StreamHistory(stream, eval_start=start)
+    method._start_restart(history)
+    for batch in (stream.rows(slice(2500, 2750)), stream.rows(torch.tensor([5, 2700, 3999, 2599, 2600]))):
+        for field, ids in (("user", stream.user), ("item", stream.item)):
+            got = method._policy_frequency(batch, field)
+            for r, pos in enumerate(batch.positions().tolist()):
+                first = start if pos >= start else 0
+                expected = int((ids[first:pos + 1] == ids[pos]).sum())
+                assert int(got[r]) == expected, (field, pos)
+    plain = make(prepared)
+    plain._start_restart(history)
+    batch = stream.rows(slice(2500, 2750))
+    assert torch.equal(plain._policy_frequency(batch, "user"), batch.user_freq)
+
+
+@pytest.mark.parametrize("top_size", ["skip", "unchange"])
+def test_top_size_rows_enter_the_policy_loss_only_as_the_official_code_does(prepared, top_size: str) -> None:
+    """With every entity at the top size no row takes a decision: ``skip`` leaves the policy as it is;
+    ``unchange`` (the official code) still steps it on −R log π(unchange|s)."""
+    method = make(prepared, top_size=top_size)
+    stream, history = warm(method, prepared, 3)
+    top = len(method.sizes) - 1
+    for f, store in method.stores.items():
+        stored = torch.nonzero(store.size_of >= 0).squeeze(1)
+        store.move(stored, [None] * top + [torch.zeros(stored.numel(), method.sizes[top])],
+                   torch.full((stored.numel(),), top))
+    before = [p.clone() for p in method.policies.parameters()]
+    method.policy_step(history.last_batch())
+    moved = any(not torch.equal(a, b) for a, b in zip(before, method.policies.parameters()))
+    assert moved == (top_size == "unchange")
+
+
+@pytest.mark.parametrize("task", ["binary", "multiclass"])
+def test_autoemb_previous_weights_start_as_the_official_code(prepared, task: str) -> None:
+    """Before an entity's first row its previous weights are [1, 0, ...] (MSE) or [1.5, 0, ...] (CE), as the
+    official baseline initialises them; ``initial_previous=zeros`` starts them at 0."""
+    method = make(prepared, "autoemb", task=task)
+    first = 1.0 if task == "binary" else 1.5
+    for table in method.previous.values():
+        assert torch.equal(table[:, 0], torch.full((table.shape[0],), first)) and not table[:, 1:].any()
+    assert not any(t.any() for t in make(prepared, "autoemb", task=task, initial_previous="zeros").previous.values())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -212,3 +213,39 @@ def test_bench_runs_rounds_and_reports_medians_and_the_ratio_to_fixed(tmp_path) 
     results = [json.loads(line) for line in lines.splitlines() if line.startswith("{")]
     assert [(r["method"], r["round"]) for r in results] == [("fixed", 0), ("esapn", 0)]
     assert all(r["rows"] == 1500 and r["interactions_per_second"] > 0 for r in results)
+
+
+@pytest.mark.parametrize("name, overrides, batch_norm", [
+    ("fixed", {"embedding_dim": 16}, "batch"),
+    ("darts", {}, "batch"),
+    ("autoemb", {}, "batch"),
+    ("esapn", {}, "batch"),
+    ("esapn", {}, "running"),  # predict, then learn (no shared forward pass)
+    ("esapn", {"validation": "history"}, "batch"),
+])
+def test_changing_the_labels_of_batch_t_leaves_its_predictions_unchanged(prepared, name: str, overrides: dict,
+                                                                         batch_norm: str) -> None:
+    """The streaming protocol for every streaming method: the predictions for batch t are made before its
+    labels are used. Flipping batch t's labels leaves the predictions of batches 0..t exactly as they were
+    and changes later ones (control: the labels do reach the model)."""
+    task = TaskSpec.from_name("binary")
+    stream = load_stream(prepared, task, DEVICE, max_rows=1500)
+    t, size = 3, 250
+
+    def predictions(labels: torch.Tensor) -> torch.Tensor:
+        recorded = torch.empty(len(stream))
+        copy = dataclasses.replace(stream, label=labels)
+
+        def hook(event, batch, value):
+            if event == "predicted":
+                recorded[batch.start:batch.end] = value
+
+        method = make_streaming_method(prepared, name, task, 0, model_overrides={"batch_norm": batch_norm}, **overrides)
+        StreamingRunner(StreamingConfig(batch_size=size), hook=hook).run(method, copy)
+        return recorded
+
+    flipped = stream.label.clone()
+    flipped[t * size:(t + 1) * size] = 1.0 - flipped[t * size:(t + 1) * size]
+    before, after = predictions(stream.label), predictions(flipped)
+    assert torch.equal(before[: (t + 1) * size], after[: (t + 1) * size])
+    assert not torch.allclose(before[(t + 1) * size:], after[(t + 1) * size:])

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from autorecbench import __version__
-from autorecbench.cli import export, plot, report, tune
+from autorecbench.cli import export, plot, report, tune, validate
 from autorecbench.cli.reproduce import reproduce_app
 from autorecbench.console import err_console, out_console, run_app, setup_logging
 from autorecbench.errors import UserError
@@ -121,6 +121,7 @@ plot.register(app)
 report.register(app)
 export.register(app)
 tune.register(app)
+validate.register(app)
 
 
 # ------------------------------------------------------------------------------------------- methods

@@ -152,6 +152,11 @@ class PreparedData:
     def interactions_path(self) -> Path:
         return self.directory / "interactions.parquet"
 
+    def raw_ids(self, entity: str) -> list[Any]:
+        """The raw-file id of each code of ``entity`` (``user`` or ``item``), indexed by code."""
+        frame = pl.read_parquet(self.directory / f"{entity}s.parquet").sort(entity)
+        return frame[f"{entity}_raw"].to_list()
+
 
 def source_names(cfg: DatasetConfig, source: SourceSpec) -> list[str]:
     """The file names a source stands for: one, or one per selected day for a ``{day}`` pattern."""

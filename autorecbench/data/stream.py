@@ -32,8 +32,8 @@ def occurrence_index(ids: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class StreamBatch:
-    """Rows of the stream: ``start:end`` for a slice, -1 for sampled rows. ``*_freq`` is each entity's
-    occurrence number at that row (>= 1)."""
+    """Rows of the stream: ``start:end`` for a slice, -1 for sampled rows (whose stream positions are
+    ``row_index``). ``*_freq`` is each entity's occurrence number at that row (>= 1)."""
 
     index: int
     start: int
@@ -44,9 +44,16 @@ class StreamBatch:
     label: torch.Tensor
     user_freq: torch.Tensor
     item_freq: torch.Tensor
+    row_index: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.user.numel())
+
+    def positions(self) -> torch.Tensor:
+        """Each row's position in the stream (int64, on the batch's device)."""
+        if self.row_index is not None:
+            return self.row_index
+        return torch.arange(self.start, self.end, device=self.user.device)
 
 
 @dataclass
@@ -82,6 +89,7 @@ class Stream:
             label=self.label[index],
             user_freq=self.user_freq[index],
             item_freq=self.item_freq[index],
+            row_index=None if isinstance(index, slice) else index,
         )
 
     def batch_bounds(self, batch_size: int) -> list[tuple[int, int]]:
@@ -148,10 +156,13 @@ class StreamHistory:
     ``user_count`` / ``item_count`` hold how many interactions of each entity have been seen (and trained
     on) before the current batch; methods can read them as state. ``sample`` draws a validation batch from
     the history uniformly with replacement; ``last_batch`` is the batch just before the current one.
+    ``eval_start``: the first row of the evaluation window when the runner has one (None otherwise), for methods
+    that, like the official ESAPN code, treat the evaluation rows apart (its frequencies restart there).
     """
 
-    def __init__(self, stream: Stream) -> None:
+    def __init__(self, stream: Stream, eval_start: int | None = None) -> None:
         self.stream = stream
+        self.eval_start = eval_start
         device = stream.user.device
         self.user_count = torch.zeros(stream.n_users, dtype=torch.int64, device=device)
         self.item_count = torch.zeros(stream.n_items, dtype=torch.int64, device=device)

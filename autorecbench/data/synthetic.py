@@ -20,6 +20,20 @@ to ``latent_dim`` (the most popular):
 
 so <p_u, q_i> only involves the first min(d_u, d_i) dimensions. ``truth.npz`` then also holds ``user_dims``
 and ``item_dims``. With the option off, the draws and the files are exactly those of earlier versions.
+
+Rich and flat entities (the streams of ``autorecbench validate`` for the embedding-size searches):
+- ``rich``: whose ratings go through the interaction <p_u, q_i>. ``all`` (the model above); ``none`` (every
+  rating from the biases only: p and q are drawn, then zeroed, so every other draw stays the same);
+  ``pair_first`` (with ``item_pairs``: the first item of each pair keeps q_i, the second gets q_i = 0; users
+  keep p_u).
+- ``item_pairs``: items come in pairs of equal Zipf weight, (k/2 + 1)^-s for item rank k, so the two items of a
+  pair are equally frequent in expectation and differ only in whether they are rich.
+- ``rating_seed``: a second seed for everything drawn after the user and item sequences (factors, biases,
+  noise). Streams with the same ``seed`` and ``rating_seed`` hold the same users and items in the same order
+  with the same biases and noise, whatever ``rich`` says; a different ``rating_seed`` redraws the ratings of the
+  same sequence. None: one seed for all, as before.
+When any of these three differs from its default, ``truth.npz`` also holds ``user_rich`` and ``item_rich``
+(bool per id) and, with ``item_pairs``, ``item_pair`` (the pair index) and ``item_member`` (0: first, 1: second).
 """
 
 from __future__ import annotations
@@ -58,6 +72,9 @@ class MovieLensGenerator:
     seconds_per_interaction: int = 30
     dims_by_frequency: bool = False
     min_latent_dim: int = 1
+    rich: str = "all"
+    item_pairs: bool = False
+    rating_seed: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("n_users", "n_items", "n_interactions", "latent_dim", "seconds_per_interaction"):
@@ -67,10 +84,16 @@ class MovieLensGenerator:
             raise UserError("data.generator: zipf exponents and noise must be >= 0")
         if not 1 <= self.min_latent_dim <= self.latent_dim:
             raise UserError(f"data.generator.min_latent_dim must be in [1, latent_dim], got {self.min_latent_dim}")
+        if self.rich not in RICH:
+            raise UserError(f"data.generator.rich must be one of {', '.join(RICH)}, got {self.rich!r}")
+        if self.rich == "pair_first" and not self.item_pairs:
+            raise UserError("data.generator.rich=pair_first needs data.generator.item_pairs=true")
+        if self.item_pairs and self.n_items % 2:
+            raise UserError(f"data.generator.item_pairs needs an even n_items, got {self.n_items}")
 
     def key(self) -> str:
         options = asdict(self)
-        for name, default in PLANTED_DEFAULTS.items():  # options added later keep older keys when unused
+        for name, default in {**PLANTED_DEFAULTS, **STRUCTURE_DEFAULTS}.items():  # options added later keep older keys when unused
             if options[name] == default:
                 del options[name]
         payload = json.dumps({"version": GENERATOR_VERSION, **options}, sort_keys=True)
@@ -78,15 +101,20 @@ class MovieLensGenerator:
 
 
 PLANTED_DEFAULTS = {"dims_by_frequency": False, "min_latent_dim": 1}
+STRUCTURE_DEFAULTS = {"rich": "all", "item_pairs": False, "rating_seed": None}
+RICH = ("all", "none", "pair_first")
 
 
-def _zipf_weights(n_ids: int, exponent: float) -> np.ndarray:
-    return 1.0 / np.arange(1, n_ids + 1, dtype=np.float64) ** exponent
+def _zipf_weights(n_ids: int, exponent: float, pairs: bool = False) -> np.ndarray:
+    """Weight per rank; with ``pairs`` ranks 2j and 2j+1 share the weight of rank j."""
+    ranks = np.arange(n_ids, dtype=np.float64)
+    return 1.0 / ((ranks // 2 if pairs else ranks) + 1) ** exponent
 
 
-def _zipf_draw(rng: np.random.Generator, n_ids: int, exponent: float, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _zipf_draw(rng: np.random.Generator, n_ids: int, exponent: float, size: int,
+               pairs: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Draws of ids, and each rank's id (rank 0 the most popular)."""
-    weights = _zipf_weights(n_ids, exponent)
+    weights = _zipf_weights(n_ids, exponent, pairs)
     ids_by_rank = rng.permutation(n_ids)
     ranks = rng.choice(n_ids, size=size, p=weights / weights.sum())
     return ids_by_rank[ranks], ids_by_rank
@@ -108,7 +136,9 @@ def generate_movielens(spec: MovieLensGenerator, directory: Path) -> Path:
     """Write ``ratings.csv`` (ml-20m format) and the planted truth into ``directory``; return the csv path."""
     rng = np.random.default_rng(spec.seed)
     users, users_by_rank = _zipf_draw(rng, spec.n_users, spec.user_zipf, spec.n_interactions)
-    items, items_by_rank = _zipf_draw(rng, spec.n_items, spec.item_zipf, spec.n_interactions)
+    items, items_by_rank = _zipf_draw(rng, spec.n_items, spec.item_zipf, spec.n_interactions, spec.item_pairs)
+    if spec.rating_seed is not None:
+        rng = np.random.default_rng([spec.rating_seed, 1])  # its own stream: the ratings of the same sequence
     scale = spec.factor_scale / np.sqrt(spec.latent_dim)
     p = rng.normal(0.0, scale, size=(spec.n_users, spec.latent_dim))
     q = rng.normal(0.0, scale, size=(spec.n_items, spec.latent_dim))
@@ -119,6 +149,8 @@ def generate_movielens(spec: MovieLensGenerator, directory: Path) -> Path:
             dims = planted_dims(by_rank, exponent, spec.min_latent_dim, spec.latent_dim)
             factors[np.arange(spec.latent_dim)[None, :] >= dims[:, None]] = 0.0
             planted[name] = dims
+    if any(getattr(spec, name) != default for name, default in STRUCTURE_DEFAULTS.items()):
+        planted.update(_rich_entities(spec, p, q, items_by_rank))
     b_u = rng.normal(0.0, spec.user_bias_std, size=spec.n_users)
     b_i = rng.normal(0.0, spec.item_bias_std, size=spec.n_items)
     score = spec.mu + b_u[users] + b_i[items] + np.einsum("nd,nd->n", p[users], q[items])
@@ -141,6 +173,23 @@ def generate_movielens(spec: MovieLensGenerator, directory: Path) -> Path:
     except OSError:  # generated concurrently by another process: keep theirs
         shutil.rmtree(tmp, ignore_errors=True)
     return directory / "ratings.csv"
+
+
+def _rich_entities(spec: MovieLensGenerator, p: np.ndarray, q: np.ndarray,
+                   items_by_rank: np.ndarray) -> dict[str, np.ndarray]:
+    """Zero the factors of the flat entities (in place) and return the truth arrays naming them."""
+    user_rich = np.full(spec.n_users, spec.rich != "none")
+    item_rich = np.full(spec.n_items, spec.rich == "all")
+    out = {}
+    if spec.item_pairs:
+        rank = np.empty(spec.n_items, dtype=np.int64)
+        rank[items_by_rank] = np.arange(spec.n_items)
+        out["item_pair"], out["item_member"] = rank // 2, rank % 2
+        if spec.rich == "pair_first":
+            item_rich = out["item_member"] == 0
+    p[~user_rich] = 0.0
+    q[~item_rich] = 0.0
+    return {"user_rich": user_rich, "item_rich": item_rich, **out}
 
 
 GENERATORS = {"movielens": (MovieLensGenerator, generate_movielens)}

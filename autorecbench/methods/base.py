@@ -95,8 +95,15 @@ class Method(ABC):
 
     def reports(self) -> dict[str, list[dict[str, Any]]]:
         """Extra tables for the run folder, written as ``<name>.parquet`` with the run's id columns first
-        (e.g. a memory table per embedding size, or the chosen size by frequency). Rows are flat dicts."""
+        (e.g. a memory table per embedding size, or the chosen size by frequency). Rows are flat dicts. A
+        table with ``entity`` and ``code`` columns (an entity's encoded id) also gets ``raw_id``, the id in the
+        raw file."""
         return {}
+
+    def metrics(self) -> list[dict[str, Any]]:
+        """Rows (``split``, ``metric``, ``value``) the method adds to ``metrics.parquet``, e.g. ESAPN's
+        ``policy_action_sensitivity`` under split ``search``."""
+        return []
 
 
 class StreamingMethod(Method):
@@ -239,7 +246,7 @@ def set_training(module: nn.Module, training: bool) -> nn.Module:
     dependent = module.__dict__.get(_MODE_DEPENDENT)
     if dependent is None:
         dependent = any(
-            (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats)
+            getattr(m, "track_running_stats", False) is True  # batch-norm layers, SizeNorm
             or isinstance(m, nn.modules.dropout._DropoutNd)
             for m in module.modules()
         )

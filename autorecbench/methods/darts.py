@@ -11,13 +11,22 @@ batch from history takes one Adam step (``search_lr`` 1e-4, the official baselin
 loss, the model weights fixed; then the model weights take one Adam step (``lr`` 1e-3) on the current batch,
 α fixed.
 
-Choices the paper leaves open, as config values (``conf/method/darts.yaml``):
+Deviations from the papers and the official baseline (``baselines/Darts/train_darts.py``), each with the
+switch that undoes it:
 - ``embedding_optimizer: lazy``: the embedding table and α update only the rows their batch touches
   (SparseAdam); ``dense``: plain Adam over every row (the official code; α of entities not in the validation
   batch then keep drifting on their decaying momentum).
-- ``validation: last_batch`` or ``history``; ``init_std: 1.0`` (N(0, 1) embeddings).
-- Per-size batch-norm + tanh before the weighted sum (survey Eq. 19-20: "magnitude-comparable"); the rating
-  model then normalises the unified embedding again, as it does for every method.
+- ``model.loss_reduction: mean``; the official code sums: ``sum``.
+- ``model.head: paper``: the unified embedding goes through the rating model's batch-norm + tanh (§2.2) and a
+  tanh MLP; the official head is batch-norm without tanh and batch-norm in the hidden layer: ``official``.
+- Eq. 20's 1/K factor (the survey) is kept; the official code sums without it. No switch: the rating model's
+  batch-norm removes any constant scale (outputs equal up to its eps).
+
+Choices the paper leaves open, as config values (``conf/method/darts.yaml``), defaults from the official code:
+- ``norm_affine: shared``: per-size batch-norm statistics with one (γ, β) for all sizes (the official code's one
+  ``BatchNorm1d`` applied to each size's block) before tanh (survey Eq. 19-20: "magnitude-comparable");
+  ``per_size``: one per size.
+- ``validation: last_batch`` or ``history``; ``init_std: 1.0`` (N(0, 1) embeddings); α initialised equal.
 """
 
 from __future__ import annotations
@@ -36,6 +45,8 @@ class Darts(SoftSelectionMethod):
     name = "darts"
     description = "Soft embedding-size selection with per-entity architecture weights (first-order DARTS)"
     paper = "Liu et al., SIGIR 2020, §3.3 (DARTS baseline)"
+    fidelity = "faithful, deviations documented"
+    deviations = "lazy Adam for the tables and α (official: dense); mean reduction (official: sum); the paper's head"
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
@@ -50,6 +61,9 @@ class Darts(SoftSelectionMethod):
 
     def weights(self, field: str, batch: StreamBatch, train: bool = False) -> torch.Tensor:
         return torch.softmax(self.alpha[field](self._ids(batch, field)[0]), dim=1)
+
+    def entity_weights(self, field: str) -> torch.Tensor:
+        return torch.softmax(self.alpha[field].weight.detach(), dim=1)
 
     def search_parameters(self) -> list[nn.Parameter]:
         return [t.weight for t in self.alpha.values()]

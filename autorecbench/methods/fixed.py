@@ -3,9 +3,18 @@ user and every item (128 in the paper; the official code uses 222, the sum of th
 ``method.embedding_dim=222``). Under the offline protocol (CTR backbones, ``runner=offline``) FIXED is the
 backbone with one embedding size for every field (:class:`FixedOffline`).
 
-Choices the paper leaves open, as config values (``conf/method/fixed.yaml``):
+Deviations from the paper and the official code (``baselines/Fixed/train_fixed.py``) under the streaming
+protocol, each with the switch that undoes it:
+- ``embedding_dim: 128`` (the paper's FIXED); the official code's is 222: ``method.embedding_dim=222``.
 - ``embedding_optimizer: lazy`` updates only the embedding rows a batch touches (see ``autorecbench.train.optim``);
-  ``dense`` is the paper's plain Adam over all rows. Both use the paper's Adam learning rate 1e-3.
+  the paper's and the official code's plain Adam over all rows: ``dense``. Both use Adam's learning rate 1e-3.
+- ``model.loss_reduction: mean`` (Eq. 3/4); the official code sums over the batch: ``sum``.
+- ``model.head: paper`` (§2.2: batch-norm + tanh per field, tanh MLP); the official FIXED feeds the raw
+  embeddings to batch-norm without tanh and has batch-norm in its hidden layer: ``official``.
+- The protocol's own differences (the official code shuffles the stream, keeps only movies with a genome score,
+  restarts frequencies at its test rows) are the runner's and data's (``runner.order=random``; see README).
+
+Choices the paper leaves open, as config values (``conf/method/fixed.yaml``):
 - ``init_std: 1.0``: tables start N(0, 1), PyTorch's embedding default, which the official code keeps.
 - The rating model's parameters step with :class:`~autorecbench.train.optim.FlatAdam` (one fused Adam kernel over a
   flat buffer; gradients zeroed between steps, as the official code's PyTorch 1.x ``zero_grad()``).
@@ -32,6 +41,8 @@ class Fixed(StreamingMethod):
     name = "fixed"
     description = "One embedding size for every user and item (ESAPN paper's FIXED baseline)"
     paper = "Liu et al., SIGIR 2020, §3.3"
+    fidelity = "faithful, deviations documented"
+    deviations = "lazy Adam (official: dense); 128 dims (official: 222); mean reduction (official: sum); the paper's head"
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
@@ -46,6 +57,7 @@ class Fixed(StreamingMethod):
             n_outputs=ctx.task.n_outputs,
             hidden=list(model_cfg.hidden),
             batch_norm=str(model_cfg.batch_norm),
+            head=str(model_cfg.head),
         )
         self.reduction = str(model_cfg.loss_reduction)
         for module in (self.user_table, self.item_table, self.model):

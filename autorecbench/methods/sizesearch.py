@@ -18,7 +18,11 @@ Reports written into the run folder (see README, "Results"):
   d_n), their ratio, and the allocated bytes (tables + per-entity state) against FIXED's;
 - ``size_by_frequency``: Figure 5's data — for each power-of-two frequency bucket of the rows trained on
   (whole stream), the share of each size (ESAPN: fraction of rows that used it; DARTS/AutoEmb: mean soft
-  weight) and the mean size (Σ share x size).
+  weight) and the mean size (Σ share x size);
+- ``entity_sizes``: one row per user and item at the end of the stream — ``entity``, ``code``, ``size`` (ESAPN:
+  the size it holds, the initial size if it was never stored; DARTS/AutoEmb: the size of largest weight),
+  ``soft_dim`` (DARTS/AutoEmb: Σ_k w_k d_k / Σ_k w_k, the weighted mean dimension) and ``frequency`` (rows of the
+  stream it occurred in); the run folder adds ``raw_id``.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from autorecbench.methods.base import MemoryReport, MethodContext, StreamingMeth
 from autorecbench.metrics import bucket_bounds, bucket_label, frequency_bucket
 from autorecbench.models.controller import FREQUENCY_ENCODINGS
 from autorecbench.models.embedding import SoftSizeTables
+from autorecbench.models.norm import NORM_AFFINE
 from autorecbench.models.rating import RatingMLP, output_probabilities, per_example_loss, reduce_loss
 from autorecbench.train.optim import SplitAdam, check_mode, tensor_bytes
 
@@ -89,13 +94,14 @@ class SizeSearchMethod(StreamingMethod):
         self.batch_norm = str(model_cfg.batch_norm)
         self.model = RatingMLP(
             n_fields=2, dim=self.sizes[-1], n_outputs=ctx.task.n_outputs,
-            hidden=list(model_cfg.hidden), batch_norm=self.batch_norm,
+            hidden=list(model_cfg.hidden), batch_norm=self.batch_norm, head=str(model_cfg.head),
         )
         self.validation = str(cfg.validation)
         self.validation_size = None if cfg.validation_size is None else int(cfg.validation_size)
         # Validation sampling and sampled actions draw from their own CPU generator: same seed, same stream.
         self.generator = torch.Generator().manual_seed(int(ctx.seed) + 7919)
         self.by_frequency = {f: SizeByFrequency(len(self.sizes), ctx.device) for f in FIELDS}
+        self.frequency = {f: torch.zeros(self.n_entities[f], dtype=torch.int64, device=ctx.device) for f in FIELDS}
 
     @classmethod
     def check_config(cls, cfg: DictConfig) -> None:
@@ -110,6 +116,8 @@ class SizeSearchMethod(StreamingMethod):
             raise UserError(f"method.validation must be one of {', '.join(VALIDATIONS)}, got {cfg.validation!r}")
         if cfg.validation_size is not None and int(cfg.validation_size) < 2:
             raise UserError("method.validation_size must be >= 2 (batch-norm needs two rows) or null")
+        if "norm_affine" in cfg and str(cfg.norm_affine) not in NORM_AFFINE:
+            raise UserError(f"method.norm_affine must be one of {', '.join(NORM_AFFINE)}, got {cfg.norm_affine!r}")
         if "frequency_encoding" in cfg:
             if str(cfg.frequency_encoding) not in FREQUENCY_ENCODINGS:
                 raise UserError(f"method.frequency_encoding must be one of {', '.join(FREQUENCY_ENCODINGS)}, "
@@ -140,6 +148,12 @@ class SizeSearchMethod(StreamingMethod):
     def uniform(self, n: int) -> torch.Tensor:
         """``n`` uniforms from the method's generator, on the device."""
         return torch.rand(n, generator=self.generator).to(self.ctx.device)
+
+    def count_rows(self, batch: StreamBatch) -> None:
+        """Count the batch's rows per entity (``entity_sizes``' frequency)."""
+        for f in FIELDS:
+            ids = self._ids(batch, f)[0]
+            self.frequency[f].index_add_(0, ids, torch.ones_like(ids))
 
     # ------------------------------------------------------------------ reports
 
@@ -179,10 +193,41 @@ class SizeSearchMethod(StreamingMethod):
         lists; DARTS: α; AutoEmb: the previous weights)."""
         return 0
 
+    def entity_weights(self, field: str) -> torch.Tensor | None:
+        """Soft methods: every entity's weights over the sizes ``[n, K]`` at the end of the stream; None for
+        hard selection (:meth:`entity_size_index` then says the size)."""
+        return None
+
+    def entity_size_index(self, field: str) -> torch.Tensor:
+        """Every entity's size index ``[n]`` (soft methods: the size of largest weight)."""
+        weights = self.entity_weights(field)
+        assert weights is not None, "a hard-selection method overrides entity_size_index"
+        return weights.argmax(dim=1)
+
+    def entity_rows(self) -> list[dict[str, Any]]:
+        """``entity_sizes``: per user and item, its size (soft methods: also the weighted mean dimension) and
+        how many rows of the stream it occurred in."""
+        rows: list[dict[str, Any]] = []
+        dims = torch.tensor(self.sizes, dtype=torch.float64)
+        for f in FIELDS:
+            sizes = dims[self.entity_size_index(f).cpu()].to(torch.int64).tolist()
+            frequency = self.frequency[f].cpu().tolist()
+            weights = self.entity_weights(f)
+            if weights is None:
+                rows += [{"entity": f, "code": c, "size": d, "frequency": n}
+                         for c, (d, n) in enumerate(zip(sizes, frequency))]
+                continue
+            w = weights.detach().cpu().to(torch.float64)
+            soft = ((w @ dims) / w.sum(dim=1)).tolist()
+            rows += [{"entity": f, "code": c, "size": d, "soft_dim": x, "frequency": n}
+                     for c, (d, x, n) in enumerate(zip(sizes, soft, frequency))]
+        return rows
+
     def reports(self) -> dict[str, list[dict[str, Any]]]:
         freq_rows = [r for f in FIELDS for r in self.by_frequency[f].table(f, self.sizes)]
         sizes = self.size_rows()
-        return {"embedding_sizes": sizes, "embedding_memory": self.memory_rows(sizes), "size_by_frequency": freq_rows}
+        return {"embedding_sizes": sizes, "embedding_memory": self.memory_rows(sizes), "size_by_frequency": freq_rows,
+                "entity_sizes": self.entity_rows()}
 
     def architecture(self) -> dict[str, Any]:
         out: dict[str, Any] = {"sizes": list(self.sizes)}
@@ -211,7 +256,8 @@ class SoftSelectionMethod(SizeSearchMethod):
         cfg = ctx.cfg
         mode = str(cfg.embedding_optimizer)
         self.tables = nn.ModuleDict({
-            f: SoftSizeTables(self.n_entities[f], self.sizes, mode, float(cfg.init_std), self.batch_norm)
+            f: SoftSizeTables(self.n_entities[f], self.sizes, mode, float(cfg.init_std), self.batch_norm,
+                              str(cfg.norm_affine))
             for f in FIELDS
         })
         self.model.to(ctx.device)
@@ -266,6 +312,7 @@ class SoftSelectionMethod(SizeSearchMethod):
         self.model_optimizer.step()
         for f in FIELDS:
             self.by_frequency[f].add(self._ids(batch, f)[1], weights[f])
+        self.count_rows(batch)
         self.after_training(batch, weights)
         return loss.detach()
 

@@ -455,12 +455,6 @@ class ChainedMaps(nn.Module):
             return values[-1].new_empty(0, self.sizes[-1])
         return h
 
-    def enlarged(self, values: Sequence[torch.Tensor]) -> torch.Tensor:
-        """``[entries below the top size, d_n]``: each such entry enlarged one size, ``W_{k->k+1} e + b`` (Eq. 1),
-        then mapped up from k+1 — in the input order (the top size's entries, last, are left out)."""
-        up = [self.step(k, v) if v.shape[0] else v.new_empty(0, self.sizes[k + 1]) for k, v in enumerate(values[:-1])]
-        return self.unified([values[0][:0], *up])
-
     def forward(self, lookup: Lookup) -> torch.Tensor:
         """``[batch, d_n]`` in batch order: each row gets its entry's unified embedding."""
         # index_select: a much faster gather (and backward) than h[...]
@@ -473,9 +467,13 @@ class SoftSizeTables(nn.Module):
     One ``n x sum(sizes)`` table holds every size's embedding of every entity (column blocks); ``W_k`` maps
     size k to the largest size (survey Eq. 19); a batch-norm + tanh per size makes the candidates' magnitudes
     comparable before the weighted sum (Eq. 20). The weights come from the method (α or a controller).
+    Batch-norm statistics are per size (and channel) over the batch; its affine parameters are one (γ, β) for
+    all sizes (``affine="shared"``, the official code's single ``BatchNorm1d`` applied to each size's block) or
+    one per size (``"per_size"``).
     """
 
-    def __init__(self, n: int, sizes: Sequence[int], mode: str, init_std: float, batch_norm: str) -> None:
+    def __init__(self, n: int, sizes: Sequence[int], mode: str, init_std: float, batch_norm: str,
+                 affine: str = "shared") -> None:
         super().__init__()
         from autorecbench.models.rating import embedding_norm
 
@@ -484,15 +482,21 @@ class SoftSizeTables(nn.Module):
         top = self.sizes[-1]
         self.table = embedding_table(n, self.offsets[-1], mode, init_std)
         self.maps = nn.ModuleList(nn.Linear(d, top) for d in self.sizes)
-        # One norm over [batch, K * d_n]: per size and channel statistics and affine parameters.
-        self.norm = embedding_norm(len(self.sizes) * top, batch_norm)
+        if affine not in ("shared", "per_size"):
+            raise ValueError(f"affine must be 'shared' or 'per_size', got {affine!r}")
+        # One norm over [batch, K * d_n]: per size and channel statistics (and affine parameters, per_size).
+        self.norm = embedding_norm(len(self.sizes) * top, batch_norm, affine=affine == "per_size")
+        self.shared = None if affine == "per_size" else nn.ParameterList(
+            [nn.Parameter(torch.ones(top)), nn.Parameter(torch.zeros(top))])
 
     def candidates(self, ids: torch.Tensor) -> torch.Tensor:
         """``[batch, K, d_n]``: every candidate size's embedding, mapped, normalised and squashed."""
         e = self.table(ids)
         mapped = [m(e[:, a:b]) for m, a, b in zip(self.maps, self.offsets[:-1], self.offsets[1:])]
-        stacked = torch.cat(mapped, dim=1)
-        return tanh(self.norm(stacked)).view(ids.shape[0], len(self.sizes), -1)
+        normed = self.norm(torch.cat(mapped, dim=1)).view(ids.shape[0], len(self.sizes), -1)
+        if self.shared is not None:
+            normed = torch.addcmul(self.shared[1], normed, self.shared[0])
+        return tanh(normed)
 
     def forward(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Eq. 20: ``(1/K) sum_k weights[:, k] * candidate_k``, ``[batch, d_n]``."""

@@ -23,6 +23,7 @@ import datetime as dt
 import json
 import os
 import shutil
+import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +119,16 @@ class RunFolder:
             self.path = final
             return final
         raise RuntimeError(f"could not publish run folder {self.path}")
+
+    def record_failure(self, info: dict[str, Any], exc: BaseException) -> None:
+        """Keep the ``.partial`` folder and say in ``run.json`` that the run failed or was interrupted, and why
+        (the caller re-raises)."""
+        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        info.update(status=status, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+        try:
+            self.write_json("run.json", info)
+        except OSError:
+            pass
 
     def discard(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

@@ -122,7 +122,8 @@ class StreamingRunner:
         device = stream.user.device
         shape = (n,) if stream.task.is_binary else (n, stream.task.n_classes)
         predictions = torch.empty(shape, dtype=torch.float32, device=device)
-        history = StreamHistory(stream)
+        window = evaluation_window(n, self.cfg.eval_last, self.cfg.eval_fraction)
+        history = StreamHistory(stream, eval_start=window.start)
         if self.progress:
             self.progress.start(n)
         _sync(device)
@@ -146,7 +147,6 @@ class StreamingRunner:
         if not bool(torch.isfinite(predictions).all()):
             first = int((~torch.isfinite(predictions.reshape(n, -1)).all(dim=1)).nonzero()[0])
             raise RunFailed(f"non-finite prediction at stream row {first}: the model diverged")
-        window = evaluation_window(n, self.cfg.eval_last, self.cfg.eval_fraction)
         return StreamingResult(
             metrics=self._metrics(stream, predictions, window),
             curve=self._curve(stream, predictions, bounds),

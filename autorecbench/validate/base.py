@@ -51,6 +51,10 @@ class MethodValidation(ABC):
     cases: ClassVar[tuple[str, ...]] = ("planted", "control")
     # Statistics the method cannot pass by design, with the reason printed under the verdict table.
     by_design: ClassVar[dict[str, str]] = {}
+    # Whether ``measure`` applies the command line's ``method.KEY=VALUE`` / ``model.KEY=VALUE`` / ``device=``
+    # overrides (``overrides``, set by the harness before measuring) to the method and its references.
+    accepts_overrides: ClassVar[bool] = False
+    overrides: tuple[str, ...] = ()
 
     @abstractmethod
     def measure(self, case: str, subject: str, seed: int, quick: bool, workdir: Path) -> list[Statistic]:
