@@ -24,23 +24,12 @@ import polars as pl
 import typer
 import yaml
 
-from autorecbench.console import out_console, run_app, setup_logging
+from autorecbench.console import out_console, setup_logging
 from autorecbench.errors import UserError
-from autorecbench.reproduce.runs import (
-    Extra,
-    Format,
-    Seeds,
-    check_format,
-    mean_std,
-    parse_seeds,
-    require_raw_data,
-    run_metrics,
-    run_once,
-    show,
-)
+from autorecbench.reproduce import runs
+from autorecbench.reproduce.autoias_table1 import DATASETS
 
 REFERENCE = Path(__file__).with_suffix(".yaml")
-DATASETS: dict[str, list[str]] = {"avazu": ["data=avazu-autofis"], "criteo": ["data=criteo-1tb-autofis"]}
 SMALL = ["data=synthetic-criteo", "data.generator.rows=20000", "data.generator.n_fields=8",
          "data.generator.n_informative=4", "data.generator.n_pairs=2", "data.generator.cardinality_max=30",
          "runner.epochs=1", "runner.batch_size=500", "method.budget=quick", "method.search_epochs=2"]
@@ -67,12 +56,12 @@ def run_all(chosen: list[tuple[str, str, tuple[str, ...]]], data: list[str], see
         for seed in seeds:
             key = (tuple(sorted(overrides)), seed)
             if key not in done:
-                folder = run_once([*data, "method=autoias", *overrides, f"seed={seed}", "quiet=true", *extra],
+                folder = runs.run_once([*data, "method=autoias", *overrides, f"seed={seed}", "quiet=true", *extra],
                                   f"{group} / {name} / seed {seed}")
                 search = pl.read_parquet(folder / "search.parquet")
-                test = run_metrics(folder, "test")
+                test = runs.run_metrics(folder, "test")
                 done[key] = (search, {"test_auc": test["auc"],
-                                      "search_seconds": run_metrics(folder, "cost")["search_seconds"]})
+                                      "search_seconds": runs.run_metrics(folder, "cost")["search_seconds"]})
             search, result = done[key]
             ids = {"group": group, "setting": name, "seed": seed}
             curves += [{**ids, **row} for row in search.select("step", *FINAL).to_dicts()]
@@ -87,27 +76,24 @@ def table(finals: list[dict[str, Any]], group: str) -> tuple[list[str], list[lis
     rows = []
     for name in dict.fromkeys(f["setting"] for f in finals if f["group"] == group):
         mine = [f for f in finals if f["group"] == group and f["setting"] == name]
-        rows.append([name, *[mean_std([float(f[k]) for f in mine]) for k in FINAL],
-                     mean_std([f["test_auc"] for f in mine]), mean_std([f["search_seconds"] for f in mine], 1)])
+        rows.append([name, *[runs.mean_std([float(f[k]) for f in mine]) for k in FINAL],
+                     runs.mean_std([f["test_auc"] for f in mine]), runs.mean_std([f["search_seconds"] for f in mine], 1)])
     return header, rows
 
-
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 EPILOG = ("Examples:\n\n"
           "* `autorecbench reproduce autoias-ablations --small` (pipeline check on a synthetic stand-in)\n\n"
           "* `autorecbench reproduce autoias-ablations --data avazu --groups kd,students --seeds 0,1 device=cuda`")
 
 
-@app.command()
 def command(
-    small: Annotated[bool, typer.Option("--small", help="A small synthetic Criteo-format stand-in (a pipeline check).")] = False,
+    small: runs.Small = False,
     data: Annotated[str, typer.Option("--data", help="avazu or criteo (Criteo-8d).")] = "avazu",
     groups: Annotated[str, typer.Option("--groups", help="Comma-separated: kd, students, generator, reward_samples.")] = "kd,students,generator,reward_samples",
-    seeds: Seeds = "0",
-    fmt: Format = "table",
+    seeds: runs.Seeds = "0",
+    fmt: runs.Format = "table",
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for curves.parquet and final.parquet.")] = Path("results/autoias-ablations"),
-    extra: Extra = None,
+    extra: runs.Extra = None,
 ) -> None:
     """AutoIAS paper (CIKM 2021) ablations, Figs. 3-6: KD and β, student count, generator vs random search, reward
     samples m. Prints one table per figure and writes the curves as Parquet. `--small` runs a synthetic stand-in."""
@@ -117,16 +103,16 @@ def command(
     if not chosen_groups or any(g not in reference for g in chosen_groups) or data not in DATASETS:
         raise UserError(f"--groups: choose from {', '.join(reference)}; --data: {', '.join(DATASETS)}; "
                         f"got {groups!r}, {data!r}")
-    check_format(fmt)
-    seed_list = parse_seeds(seeds)
+    runs.check_format(fmt)
+    seed_list = runs.parse_seeds(seeds)
     if not small:
-        require_raw_data({data: DATASETS[data]}, "`autorecbench reproduce autoias-ablations --small`")
+        runs.require_raw_data({data: DATASETS[data]}, "`autorecbench reproduce autoias-ablations --small`")
     curves, finals = run_all(settings(chosen_groups), SMALL if small else DATASETS[data], seed_list,
                              list(extra or []))
     for group in chosen_groups:
         header, rows = table(finals, group)
         title = f"AutoIAS Fig. {reference[group]['figure']} ({group})" + (" — synthetic stand-in" if small else "")
-        show(title, header, rows, fmt)
+        runs.show(title, header, rows, fmt)
         out_console.print(f"paper: {reference[group]['paper']}", highlight=False, soft_wrap=True)
     output.mkdir(parents=True, exist_ok=True)
     pl.DataFrame(curves).write_parquet(output / "curves.parquet")
@@ -135,4 +121,4 @@ def command(
 
 
 if __name__ == "__main__":
-    run_app(app)
+    runs.main(command)

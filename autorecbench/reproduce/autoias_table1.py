@@ -26,19 +26,20 @@ from typing import Annotated, Any, Optional
 import typer
 import yaml
 
-from autorecbench.console import out_console, run_app, setup_logging
+from autorecbench.console import out_console, setup_logging
 from autorecbench.data.schema import FieldSpec, Schema, TaskSpec
 from autorecbench.errors import UserError
 from autorecbench.reproduce.runs import (
     Extra,
     Format,
     Seeds,
+    Small,
     check_format,
-    markdown,
     mean_std,
     parse_seeds,
     require_raw_data,
     run_metrics,
+    main,
     run_once,
     show,
 )
@@ -155,16 +156,13 @@ def table_rows(cells: dict[tuple[str, str], Cell], reference: dict[str, Any], da
     return header, rows
 
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-
 EPILOG = ("Examples:\n\n"
           "* `autorecbench reproduce autoias --small` (pipeline check on synthetic stand-ins, minutes on a CPU)\n\n"
           "* `autorecbench reproduce autoias --seeds 0,1,2 device=cuda`")
 
 
-@app.command()
 def command(
-    small: Annotated[bool, typer.Option("--small", help="Synthetic Criteo- and Avazu-format stand-ins (a pipeline check, not a reproduction).")] = False,
+    small: Small = False,
     data: Annotated[str, typer.Option("--data", help="Comma-separated datasets: avazu, criteo.")] = "avazu,criteo",
     seeds: Seeds = "0",
     fmt: Format = "table",
@@ -185,14 +183,11 @@ def command(
     cells = run_grid(datasets, seed_list, small, list(extra or []))
     header, rows = table_rows(cells, load_reference(), datasets, small)
     title = "AutoIAS (CIKM 2021) Table 1: test AUC and logloss" + (" — synthetic stand-ins" if small else "")
-    show(title, header, rows, fmt)
-    if output is not None:
-        output.write_text(markdown(header, rows) + "\n")
-        out_console.print(f"written: {output}", highlight=False)
+    show(title, header, rows, fmt, output)
     if small:
         out_console.print("synthetic stand-ins: the paper's rows show the layout, they are not comparable",
                           highlight=False)
 
 
 if __name__ == "__main__":
-    run_app(app)
+    main(command)

@@ -19,9 +19,19 @@ from autorecbench.errors import UserError
 log = logging.getLogger("autorecbench")
 
 # Command-line options the reproductions share.
+Small = Annotated[bool, typer.Option("--small", help="Small synthetic stand-ins: a check of the pipeline, not a reproduction.")]
 Seeds = Annotated[str, typer.Option("--seeds", help="Comma-separated seeds; cells show mean ± std over them.")]
 Format = Annotated[str, typer.Option("--format", help="table | markdown")]
 Extra = Annotated[Optional[list[str]], typer.Argument(help="Further overrides for every run, e.g. device=cuda runner.max_rows=2000000.")]
+
+
+def main(command: Any) -> None:
+    """Run a reproduction's ``command`` on its own (``python -m autorecbench.reproduce.MODULE``)."""
+    from autorecbench.console import run_app
+
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command()(command)
+    run_app(app)
 
 
 def check_format(fmt: str) -> None:
@@ -82,16 +92,19 @@ def markdown(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
 
-def show(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]], fmt: str) -> None:
-    """Print the table (``table``: rich, ``markdown``: text)."""
+def show(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]], fmt: str, output: Path | None = None) -> None:
+    """Print the table (``table``: rich, ``markdown``: text); ``output``: also write it there as markdown."""
     if fmt == "markdown":
         out_console.print(f"**{title}**\n\n" + markdown(header, rows) + "\n", highlight=False, soft_wrap=True)
-        return
-    from rich.table import Table
+    else:
+        from rich.table import Table
 
-    table = Table(title=title)
-    for name in header:
-        table.add_column(name, overflow="fold")
-    for row in rows:
-        table.add_row(*[str(c) for c in row])
-    out_console.print(table)
+        table = Table(title=title)
+        for name in header:
+            table.add_column(name, overflow="fold")
+        for row in rows:
+            table.add_row(*[str(c) for c in row])
+        out_console.print(table)
+    if output is not None:
+        output.write_text(markdown(header, rows) + "\n")
+        out_console.print(f"written: {output}", highlight=False)
