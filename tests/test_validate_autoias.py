@@ -7,9 +7,10 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from autorecbench.methods.autoias import AutoIASSpace
-from autorecbench.validate.autoias import AutoIASValidation, oracle_architecture, structure_statistics
+from autorecbench.validate.autoias import AutoIASValidation, chance_band, oracle_architecture, structure_statistics
 from autorecbench.validate.base import VALIDATIONS, load_validations
 
 FIELDS = ["a", "b", "c", "d"]
@@ -44,7 +45,8 @@ def test_the_references_are_expected_to_discriminate() -> None:
     assert v.expected("planted", "oracle", "planted_pairs_kept") is True
     assert v.expected("planted", "null", "auc_lift_over_random") is False
     assert v.expected("planted", "method", "p_select_planted_min") is None  # the finding
-    assert v.expected("control", "oracle", "auc_lift_over_random") is False  # no lift without signal
+    assert v.expected("control", "null", "auc_lift_over_random") is False  # 0 by construction
+    assert v.expected("control", "oracle", "auc_lift_over_random") is None  # no signal: a coin flip
     assert v.expected("control", "null", "auc_distance_from_half") is True
     assert v.expected("control", "oracle", "planted_pairs_kept") is None  # the oracle copies the truth anyway
     assert v.expected("planted", "oracle", "kd_probe_logloss_gain") is None
@@ -67,3 +69,9 @@ def test_measure_every_subject_on_the_planted_file(tmp_path: Path) -> None:
                 assert stat.passed == want, (subject, stat)
     method = results["method"]
     assert "kd_probe_logloss_gain" in method and all(math.isfinite(s.value) for s in method.values())
+
+
+def test_the_chance_band_follows_the_test_split() -> None:
+    assert chance_band(torch.tensor([1.0] * 1000 + [0.0] * 3000)) == pytest.approx(0.0211, abs=1e-4)
+    assert chance_band(torch.tensor([1.0] * 25_000 + [0.0] * 75_000)) == 0.01  # large splits: the 0.01
+    assert chance_band(torch.ones(10)) == 0.01
