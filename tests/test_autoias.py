@@ -10,7 +10,6 @@ from pathlib import Path
 import polars as pl
 import pytest
 import torch
-import torch.nn.functional as F
 
 from autorecbench.config import compose, validate
 from autorecbench.errors import UserError
