@@ -141,8 +141,9 @@ def execute(
         memory = method.memory().to_dict()
         wall = time.perf_counter() - t0
         peak_rss = envinfo.peak_rss_bytes()
+        costs = {**method.costs(), **result.cost}
         folder.write_table("metrics", ids,
-                           result.metrics + method.metrics() + _cost_rows(result.cost, memory, wall, peak_rss))
+                           result.metrics + method.metrics() + _cost_rows(costs, memory, wall, peak_rss))
         for name, rows in result.tables.items():
             folder.write_table(name, ids, rows)
         folder.write_json("architecture.json", method.architecture())

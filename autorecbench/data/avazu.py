@@ -6,7 +6,8 @@ Comma-separated with the header
 
 As BARS' Avazu_x4 (FuxiCTR code): ``id`` (a decimal string of up to 20 digits, which overflows int64) is read
 as a string, checked, and dropped; ``hour`` (``YYMMDDHH``) becomes three fields, ``hour`` (hour of day,
-``hour[6:8]``), ``weekday`` (0 = Sunday) and ``weekend`` (Saturday or Sunday); every other column is a
+``hour[6:8]``), ``weekday`` (0 = Sunday) and ``weekend`` (Saturday or Sunday) — ``time_fields`` chooses among
+these and ``mday`` (day of the month, which the AutoFIS/PIN preprocessing adds); every other column is a
 categorical field: the integer columns (``C1``, ``banner_pos``, ``device_type``, ``device_conn_type``,
 ``C14``–``C21``; ``C20`` uses -1) by their integer value, the hashed-id columns (``site_*``, ``app_*``,
 ``device_id``, ``device_ip``, ``device_model``) by their string. An empty value is the field's missing value.
@@ -26,12 +27,13 @@ from autorecbench.data.ctr import (
     BadRows,
     Check,
     CTRFormat,
+    CTROptions,
     field_count_problem,
     split_columns,
     value_problems,
 )
 from autorecbench.data.textfile import header_fields
-from autorecbench.errors import DataFormatError
+from autorecbench.errors import DataFormatError, UserError
 
 HEADER = ["id", "click", "hour", "C1", "banner_pos", "site_id", "site_domain", "site_category", "app_id",
           "app_domain", "app_category", "device_id", "device_ip", "device_model", "device_type",
@@ -41,12 +43,22 @@ INT_COLUMNS = ["C1", "banner_pos", "device_type", "device_conn_type", "C14", "C1
 STRING_COLUMNS = ["site_id", "site_domain", "site_category", "app_id", "app_domain", "app_category", "device_id",
                   "device_ip", "device_model"]
 RAW_FIELDS = [c for c in HEADER[3:]]  # every column after id, click, hour, in file order
-TIME_FIELDS = ["hour", "weekday", "weekend"]
+TIME_FIELDS = ["hour", "weekday", "weekend"]  # the default (BARS Avazu_x4)
+DERIVED = ("hour", "weekday", "weekend", "mday")
 
 
 class AvazuFormat(CTRFormat):
     name = "avazu_csv"
     fields = [*RAW_FIELDS, *TIME_FIELDS]
+
+    def __init__(self, options: CTROptions) -> None:
+        super().__init__(options)
+        if options.time_fields is not None:
+            unknown = [f for f in options.time_fields if f not in DERIVED]
+            if unknown or len(set(options.time_fields)) != len(options.time_fields):
+                raise UserError(f"data.time_fields: unknown or repeated {unknown or list(options.time_fields)}; "
+                                f"choose among {', '.join(DERIVED)}")
+            self.fields = [*RAW_FIELDS, *options.time_fields]
 
     def parse(self, lines: pl.DataFrame, path: Path, bad: BadRows, *, first_chunk: bool, file_day: int | None,
               file_index: int) -> pl.DataFrame:
@@ -71,13 +83,18 @@ class AvazuFormat(CTRFormat):
         problems = [(count_bad, describe_count), *value_problems(frame, ~count_bad, checks)]
         frame = bad.apply(path, frame, problems, file_index)
         weekday = date.dt.weekday() % 7  # polars: Monday 1 .. Sunday 7 -> Sunday 0, as strftime('%w')
+        derived = {
+            "hour": hour.str.slice(6, 2).cast(pl.Int64),
+            "weekday": weekday.cast(pl.Int64),
+            "weekend": weekday.is_in([0, 6]).cast(pl.Int64),
+            "mday": date.dt.day().cast(pl.Int64),
+        }
         return frame.select(
             *[pl.col(name).cast(pl.Int64, strict=False).alias(name) if name in INT_COLUMNS
               else pl.when(pl.col(name) == "").then(None).otherwise(pl.col(name)).alias(name)
               for name in RAW_FIELDS],
-            hour.str.slice(6, 2).cast(pl.Int64).alias("hour"),
-            weekday.cast(pl.Int64).alias("weekday"),
-            weekday.is_in([0, 6]).cast(pl.Int64).alias("weekend"),
+            *[derived[name].alias(name) for name in self.fields[len(RAW_FIELDS):]],
             pl.col("click").cast(pl.Int8).alias("label"),
             date.cast(pl.Int32).alias("day"),
+            pl.col("line"),
         )

@@ -74,6 +74,10 @@ class DatasetConfig:
     user_field: str | None = None
     days: list[int] | None = None
     chunk_bytes: int = 64 << 20
+    negative_keep_rate: float = 1.0
+    negative_seed: int = 0
+    int_buckets: int = 1000
+    time_fields: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @staticmethod
@@ -132,7 +136,9 @@ class DatasetConfig:
             min_count=self.min_count, int_transform=self.int_transform, int_missing=self.int_missing,
             skip_bad_rows=self.skip_bad_rows, fields=tuple(self.fields) if self.fields is not None else None,
             user_field=self.user_field, days=tuple(self.days) if self.days is not None else None,
-            chunk_bytes=self.chunk_bytes,
+            chunk_bytes=self.chunk_bytes, negative_keep_rate=float(self.negative_keep_rate),
+            negative_seed=int(self.negative_seed), int_buckets=int(self.int_buckets),
+            time_fields=tuple(self.time_fields) if self.time_fields is not None else None,
         )
 
     def raw_dir(self) -> Path:
@@ -318,8 +324,8 @@ def _build_ctr(cfg: DatasetConfig, paths: list[Path], source: SourceSpec, finger
         time_max=(span[1] + 1) * day_seconds - 1 if span else 0,
         rating_values=[],
         source={**{k: v for k, v in files[0].items()}, "format": source.format, "files": files},
-        options=cfg.options(),
-        rows_in_file=built.n_rows + built.skipped_rows,
+        options={**cfg.ctr_options().recorded_options(), "generator": cfg.generator},
+        rows_in_file=built.n_rows + built.skipped_rows + built.negatives_dropped,
         created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         cache_version=CACHE_VERSION,
         expected=cfg.expected,
@@ -329,6 +335,7 @@ def _build_ctr(cfg: DatasetConfig, paths: list[Path], source: SourceSpec, finger
             "skipped_rows": built.skipped_rows,
             "first_skipped": built.first_skipped,
             "vocab_kept": built.vocab_kept,
+            "negatives_dropped": built.negatives_dropped,
         },
         label="click",
         splits=built.splits,

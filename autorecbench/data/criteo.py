@@ -7,8 +7,9 @@
 
 Every field becomes a categorical token (``ctr.py`` encodes them):
 - ``I1``–``I13``: ``int_transform`` (default ``log_square``: v > 2 -> bucket ``floor(ln(v)^2)``, else v kept as
-  its own category, BARS/FuxiCTR code with the small values kept distinct); empty -> the field's missing
-  value (``int_missing: zero`` reads it as 0 instead, as BARS' configs).
+  its own category, BARS/FuxiCTR code with the small values kept distinct; ``quantile``: ``int_buckets``
+  equal-frequency buckets of the training values, the AutoFIS/PIN Criteo-8d preprocessing); empty -> the
+  field's missing value (``int_missing: zero`` reads it as 0 instead, as BARS' configs).
 - ``C1``–``C26``: the 32-bit value of the hex string; empty -> missing.
 
 Malformed rows: a field count other than 40, a label other than 0/1, a non-integer I value, a C value that
@@ -26,12 +27,14 @@ import polars as pl
 from autorecbench.data.ctr import (
     BadRows,
     Check,
+    CTROptions,
     CTRFormat,
     field_count_problem,
     int_token,
     split_columns,
     value_problems,
 )
+from autorecbench.errors import UserError
 
 INT_FIELDS = [f"I{i}" for i in range(1, 14)]
 CAT_FIELDS = [f"C{i}" for i in range(1, 27)]
@@ -42,7 +45,13 @@ HEX = r"^[0-9a-f]{8}$"
 class CriteoFormat(CTRFormat):
     name = "criteo_tsv"
     fields = [*INT_FIELDS, *CAT_FIELDS]
+    numeric_fields = tuple(INT_FIELDS)
     equal_days = 7
+
+    def __init__(self, options: CTROptions) -> None:
+        super().__init__(options)
+        if options.time_fields is not None:
+            raise UserError("data.time_fields: the Criteo format has no timestamp to derive fields from")
 
     def parse(self, lines: pl.DataFrame, path: Path, bad: BadRows, *, first_chunk: bool, file_day: int | None,
               file_index: int) -> pl.DataFrame:
@@ -66,6 +75,7 @@ class CriteoFormat(CTRFormat):
             *[pl.col(name).str.to_integer(base=16, strict=False).alias(name) for name in CAT_FIELDS],
             pl.col("label").cast(pl.Int8),
             pl.lit(file_day, dtype=pl.Int32).alias("day"),
+            pl.col("line"),
         )
 
     def token_label(self, fieldname: str, token: Any) -> str:

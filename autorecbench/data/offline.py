@@ -165,6 +165,8 @@ def _load_ratings(prepared: PreparedData, task: TaskSpec, data_cfg: DatasetConfi
                   ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Any]]:
     frame = pl.read_parquet(prepared.interactions_path, columns=["user", "item", "rating"])
     n = frame.height
+    if data_cfg.split == "last_day":
+        raise UserError("data.split=last_day needs day files (Criteo 1TB); use random or time for ratings")
     if data_cfg.split == "random":
         split = random_split(n, data_cfg.split_ratio, data_cfg.split_seed)
         rule = {"rule": "random", "seed": data_cfg.split_seed, "ratio": list(data_cfg.split_ratio)}

@@ -114,7 +114,7 @@ class Schema:
                 n_fields=len(self.fields),
                 cardinalities={f.name: f.cardinality for f in self.fields},
                 splits=self.splits,
-                **{k: self.extra[k] for k in ("split", "positives", "skipped_rows") if k in self.extra},
+                **{k: self.extra[k] for k in ("split", "positives", "skipped_rows", "negatives_dropped") if k in self.extra},
             )
         return info
 

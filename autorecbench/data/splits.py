@@ -1,6 +1,6 @@
 """Train / validation / test splits for the offline protocol, as one int8 label per row (0, 1, 2).
 
-Two rules (``data.split``):
+Three rules (``data.split``):
 - ``random``: an exact ``split_ratio`` split (default 8:1:1) drawn with ``split_seed``. Validation and test
   get ``round(n * ratio)`` rows each and training the rest, as BARS' Criteo_x4 folds (45,840,617 rows ->
   36,672,493 / 4,584,062 / 4,584,062). Unlike BARS (StratifiedKFold on the label) it is not stratified.
@@ -10,6 +10,9 @@ Two rules (``data.split``):
   split, the day before it validation, the rest training. Without one (Criteo Kaggle ``train.txt``, whose
   rows are in time order over 7 days; a MovieLens cache, ordered by timestamp) the rows are cut into
   ``n_parts`` equal consecutive "days" (7 for Criteo), or split by ``split_ratio`` along the time order.
+- ``last_day``: the last day is the test split; the earlier rows are split at random (exact counts, seeded)
+  into training and validation in the proportion of ``split_ratio``'s first two shares (its third share is
+  unused): the AutoFIS/PIN Criteo-8d protocol, days 0-6 train (10% of them validation), day 7 test.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from autorecbench.errors import UserError
 
 SPLITS = ("train", "valid", "test")
 TRAIN, VALID, TEST = 0, 1, 2
-SPLIT_RULES = ("random", "time")
+SPLIT_RULES = ("random", "time", "last_day")
 
 
 def check_rule(rule: str, ratio: list[float] | tuple[float, ...]) -> None:
@@ -65,6 +68,18 @@ def split_by_day(day: np.ndarray, what: str) -> np.ndarray:
     out = np.full(day.shape, TRAIN, dtype=np.int8)
     out[day == days[-2]] = VALID
     out[day == days[-1]] = TEST
+    return out
+
+
+def last_day_split(day: np.ndarray, ratio: list[float] | tuple[float, ...], seed: int, what: str) -> np.ndarray:
+    """Last day -> test; the other rows at random into training and validation by ``ratio[0] : ratio[1]``."""
+    days = np.unique(day)
+    if days.size < 2:
+        raise UserError(f"data.split=last_day needs at least 2 days in {what}, found {days.size}")
+    test = day == days[-1]
+    out = np.full(day.shape, TEST, dtype=np.int8)
+    share = ratio[1] / (ratio[0] + ratio[1])
+    out[~test] = random_split(int((~test).sum()), (1 - share, share, 0.0), seed)
     return out
 
 

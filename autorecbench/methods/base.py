@@ -93,6 +93,11 @@ class Method(ABC):
         """What the method's search chose (empty for methods without search)."""
         return {}
 
+    def costs(self) -> dict[str, float]:
+        """Costs the method measures itself (e.g. the derived network's ``flops_per_example`` and
+        ``inference_qps``), written as ``cost`` rows of ``metrics.parquet`` beside the runner's."""
+        return {}
+
     def reports(self) -> dict[str, list[dict[str, Any]]]:
         """Extra tables for the run folder, written as ``<name>.parquet`` with the run's id columns first
         (e.g. a memory table per embedding size, or the chosen size by frequency). Rows are flat dicts. A

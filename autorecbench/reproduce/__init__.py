@@ -33,6 +33,14 @@ REPRODUCTIONS: tuple[Reproduction, ...] = (
         "AutoLoss paper (KDD 2021) Table 2 (+ Table 3's AL-1, AL-2): Criteo, ML-20m × DeepFM, IPNN × the losses, "
         "beside the paper's numbers. Stops with download instructions if a raw file is missing; `--small` runs "
         "synthetic stand-ins in seconds."),
+    Reproduction(
+        "autoias", "autorecbench.reproduce.autoias_table1",
+        "AutoIAS paper (CIKM 2021) Table 1: FM, DeepFM, AutoFIS, AutoIAS, capacity-matched FIXED on Avazu and "
+        "Criteo-8d (AutoFIS/PIN protocol) beside the paper's rows; `--small` runs synthetic stand-ins."),
+    Reproduction(
+        "autoias-ablations", "autorecbench.reproduce.autoias_ablations",
+        "AutoIAS paper Figs. 3-6: KD and β, students, generator vs random search, reward samples m; tables and "
+        "Parquet curves; `--small` runs a synthetic stand-in."),
 )
 
 
