@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from autorecbench import __version__
+from autorecbench.cli import runs
 from autorecbench.cli.reproduce import reproduce_app
 from autorecbench.console import err_console, out_console, run_app, setup_logging
 from autorecbench.errors import UserError
@@ -63,7 +64,10 @@ def run(
     show_config: Annotated[bool, typer.Option("--show-config", help="Print the composed config and exit without running.")] = False,
     skip_bad_rows: Annotated[bool, typer.Option("--skip-bad-rows", help="CTR data: drop malformed raw rows (counted and reported) instead of stopping at the first.")] = False,
 ) -> None:
-    """Run a method on a dataset and write its results folder (metrics and the runner's tables in Parquet)."""
+    """Run a method on a dataset and write its results folder (metrics and the runner's tables in Parquet).
+
+    Exit code 0: complete; 1: a run failed (one line here, the traceback in its run.json); 2: bad input, nothing
+    run; 3: a run diverged (status `diverged`). A sweep runs every job and exits with the worst of them."""
     from omegaconf import OmegaConf
 
     from autorecbench.launch import compose_runs, launch_runs
@@ -82,7 +86,9 @@ def run(
     if show_config:
         out_console.out(OmegaConf.to_yaml(configs[0], resolve=True), highlight=False)
         return
-    launch_runs(overrides, multirun, configs)
+    code = launch_runs(overrides, multirun, configs)
+    if code:
+        raise typer.Exit(code)
 
 
 # -------------------------------------------------------------------------------------------- compare
@@ -98,7 +104,8 @@ def compare(
 ) -> None:
     """Line runs up by dataset × task × method: mean ± std over seeds, n, optional deltas vs a baseline.
 
-    Failed, interrupted or incomplete runs are listed apart and never enter the means.
+    Diverged runs are listed apart, and so are failed, interrupted, running and unreadable ones (a damaged
+    run.json or metrics.parquet: "unreadable: reason"); none enters the means, the rest compares normally.
     """
     from autorecbench.results.compare import compare as do_compare
     from autorecbench.results.compare import render, write
@@ -112,6 +119,13 @@ def compare(
         write(text, output, out_console)
     elif output is not None:
         raise UserError("--output needs --format markdown, csv, latex or json")
+
+
+# ------------------------------------------------------------------------- the run lifecycle (cli/runs.py)
+
+app.command()(runs.resume)
+app.command("runs")(runs.runs)
+app.command()(runs.clean)
 
 
 # ------------------------------------------------------------------------------------------- methods
