@@ -18,17 +18,21 @@ from omegaconf import DictConfig, OmegaConf
 from autorecbench.errors import UserError, quoted
 
 CONFIG_NAME = "config"
-GROUPS = ("data", "method", "model", "runner", "experiment")
 # Keys that say where or how verbosely a run happens, not what is run: left out of the config hash.
-NON_SEMANTIC_KEYS = ("seed", "quiet", "device", "paths", "hydra")
-# Where the data lives is not what is computed (the dataset name, options and fingerprint are).
-LOCATION_KEYS = ("data.path", "data.processed_dir")
+NON_SEMANTIC_KEYS = ("seed", "quiet", "device", "paths", "hydra", "logger")
+# Where the data lives is not what is computed (the dataset name, options and fingerprint are); a method's
+# ``tune:`` block is the search space `autorecbench tune` samples from, not a setting of the run; which tuning
+# study chose a tuned run's values is where it came from (its budget, ``tuning.trials``, stays in the hash).
+LOCATION_KEYS = ("data.path", "data.processed_dir", "method.tune", "tuning.study")
 # How a run is kept alive and watched, not what it computes: a complete run has the same numbers whatever these
 # are, so they neither enter the config hash nor make a variant.
 OPERATIONAL_KEYS = ("runner.checkpoint_every", "runner.checkpoint_seconds", "runner.divergence_factor",
                     "runner.divergence_warmup", "runner.divergence_margin", "data.chunk_bytes")
 # Overrides that already appear as their own columns in comparisons.
 IDENTITY_OVERRIDES = ("seed", "data", "method", "task", "device", "quiet", "model")
+# Overrides (by key prefix) that are not part of a run's variant label: where things go, the tracker, and the
+# tuning budget (`compare` shows it beside the method as "tuned (N trials)").
+UNLABELLED_PREFIXES = ("paths.", "hydra", "experiment", "logger", "tuning")
 
 
 def config_dir() -> Path:
@@ -38,6 +42,28 @@ def config_dir() -> Path:
     if not (path / f"{CONFIG_NAME}.yaml").is_file():
         raise UserError(f"config folder not found: {path} (set AUTORECBENCH_CONFIG_DIR)")
     return path
+
+
+def config_dirs() -> list[Path]:
+    """``conf/`` and every installed plugin's ``conf/`` folder (:mod:`autorecbench.plugins`), in search order."""
+    from autorecbench.plugins import plugin_config_dirs
+
+    return [config_dir(), *plugin_config_dirs()]
+
+
+def searchpath_overrides() -> list[str]:
+    """The Hydra override that adds the plugins' config folders to the search path (none without plugins)."""
+    from autorecbench.plugins import plugin_config_dirs
+
+    extra = plugin_config_dirs()
+    if not extra:
+        return []
+    return ["hydra.searchpath=[" + ",".join(repr(f"file://{d}") for d in extra) + "]"]
+
+
+def group_options(group: str) -> list[str]:
+    """The options of a config group (``data``, ``method``, ``model``, ...) in ``conf/`` and in plugins."""
+    return sorted({p.stem for d in config_dirs() for p in (d / group).glob("*.yaml")})
 
 
 def _first_line(exc: BaseException) -> str:
@@ -54,7 +80,7 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
 
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            cfg = hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides or []))
+            cfg = hydra_compose(config_name=CONFIG_NAME, overrides=[*(overrides or []), *searchpath_overrides()])
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
         raise UserError(f"bad config override: {_first_line(exc)}") from None
     return cfg
@@ -81,9 +107,10 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
 
 
 def is_group_choice(override: str) -> bool:
-    """``method=esapn``, ``hydra/launcher=joblib``: picks a config file rather than setting a value."""
+    """``method=esapn``, ``hydra/launcher=joblib``: picks a config file (a folder of ``conf/`` or of a plugin's)
+    rather than setting a value."""
     key = override.split("=", 1)[0].lstrip("+~")
-    return "/" in key or (key in GROUPS and "." not in key)
+    return "/" in key or ("." not in key and any((d / key).is_dir() for d in config_dirs()))
 
 
 def check_override_types(combo: list[str], cfg: DictConfig, reference: DictConfig) -> None:
@@ -156,6 +183,9 @@ def validate(cfg: DictConfig) -> None:
     runner.check_data(DatasetConfig.from_mapping(cfg.data), task)
     resolve_device(str(cfg.device))
     runner_config(cfg)
+    from autorecbench.results.tracking import check_logger
+
+    check_logger(cfg.get("logger"))
 
 
 def resolve_device(name: str) -> Any:
@@ -198,7 +228,7 @@ def variant_label(overrides: list[str]) -> str:
     for item in overrides:
         key = item.split("=", 1)[0].lstrip("+~")
         if (key in IDENTITY_OVERRIDES or key in LOCATION_KEYS or key in OPERATIONAL_KEYS
-                or key.startswith(("paths.", "hydra", "experiment"))):
+                or key.startswith(UNLABELLED_PREFIXES)):
             continue
         kept.append(item)
     return " ".join(sorted(kept))

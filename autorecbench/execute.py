@@ -38,6 +38,7 @@ from autorecbench.methods.base import MethodContext, method_class
 from autorecbench.results.checkpoint import (HEARTBEAT_SECONDS, Checkpoint, CheckpointWriter, now_iso, owner,
                                              remove_checkpoint)
 from autorecbench.results.run_folder import RunFolder, make_run_id
+from autorecbench.results.tracking import log_finished_run
 from autorecbench.runners.streaming import BatchHook, Progress
 from autorecbench.train.state import unpicklable
 
@@ -68,6 +69,11 @@ def _cost_rows(runner_cost: dict[str, float], memory: dict[str, Any], wall: floa
         "peak_rss_bytes": peak_rss,
     }
     return [{"split": "cost", "metric": k, "value": float(v)} for k, v in values.items()]
+
+
+def _logger_options(cfg: DictConfig) -> dict[str, Any] | None:
+    logger = cfg.get("logger")
+    return OmegaConf.to_container(logger, resolve=True) if logger is not None else None  # type: ignore[return-value]
 
 
 class FolderControl:
@@ -223,6 +229,7 @@ def execute(
                 reports=sorted(f"{name}.parquet" for name in reports),
             )
             folder.write_json("run.json", info)
+            log_finished_run(_logger_options(cfg), Path(str(cfg.paths.root)), folder.path)
             final = folder.finalize()
         except BaseException as exc:
             _record_failure(folder, info, exc)
@@ -250,6 +257,8 @@ def _run_info(cfg: DictConfig, overrides: list[str], folder: RunFolder, started:
         "overrides": list(overrides),
         "variant": variant_label(list(overrides)),
         "config_hash": config_hash(cfg),
+        # `autorecbench tune`'s final runs: the budget and validation metric that chose their settings.
+        "tuning": OmegaConf.to_container(cfg.tuning, resolve=True) if cfg.get("tuning") is not None else None,
         "command": sys.argv,
         "method_info": {
             "paper": method_cls.paper,

@@ -73,26 +73,30 @@ def check_folders(cfg: DictConfig) -> None:
             check_writable(Path(data_cfg.path), "raw data folder")
 
 
-def launch_runs(overrides: list[str], multirun: bool, configs: list[DictConfig] | None = None) -> int:
-    """Run what ``overrides`` describe (``configs``: their :func:`compose_runs`, when the caller has them); the
-    exit code: 0, or 1 if a run failed, else 3 if a run diverged (a sweep runs every job either way)."""
+def prepare_datasets(configs: list[DictConfig]) -> None:
+    """Prepare every dataset of a sweep once, before anything runs: a bad raw file stops the whole sweep, and
+    parallel workers then all find the cache ready."""
     from autorecbench.execute import prepare_data
 
-    if configs is None:
-        configs = compose_runs(overrides, multirun)
-    for cfg in configs:
-        check_folders(cfg)
-    # Prepare every dataset once, before anything runs: a bad raw file stops the whole sweep, and
-    # parallel workers then all find the cache ready.
     seen: set[str] = set()
     for cfg in configs:
         key = OmegaConf.to_yaml(cfg.data, resolve=True)
         if key not in seen:
             seen.add(key)
             prepare_data(cfg)
+
+
+def launch_runs(overrides: list[str], multirun: bool, configs: list[DictConfig] | None = None) -> int:
+    """Run what ``overrides`` describe (``configs``: their :func:`compose_runs`, when the caller has them); the
+    exit code: 0, or 1 if a run failed, else 3 if a run diverged (a sweep runs every job either way)."""
+    if configs is None:
+        configs = compose_runs(overrides, multirun)
+    for cfg in configs:
+        check_folders(cfg)
+    prepare_datasets(configs)
     if multirun:
         log.info("launching %d run(s)", len(configs))
-    return _launch_hydra(overrides, multirun)
+    return launch_hydra(overrides, multirun)
 
 
 def run_and_report(start: Callable[[Callable[[Path], None]], Path]) -> int:
@@ -163,14 +167,17 @@ def _hydra_task(cfg: DictConfig) -> None:
         sys.exit(code)
 
 
-def _launch_hydra(overrides: list[str], multirun: bool) -> int:
+def launch_hydra(overrides: list[str], multirun: bool, task: Callable[[DictConfig], Any] = _hydra_task) -> int:
+    """Hand the overrides to Hydra's own entry point, which calls ``task`` once per run (or per trial of a
+    sweeper); the plugins' config folders join the search path. Returns the worst exit code the runs appended
+    to ``$AUTORECBENCH_OUTCOMES`` (:func:`_hydra_task` does; 0 when none did)."""
     import hydra
 
-    from autorecbench.config import CONFIG_NAME, config_dir
+    from autorecbench.config import CONFIG_NAME, config_dir, searchpath_overrides
 
-    entry = hydra.main(config_path=str(config_dir()), config_name=CONFIG_NAME, version_base="1.3")(_hydra_task)
+    entry = hydra.main(config_path=str(config_dir()), config_name=CONFIG_NAME, version_base="1.3")(task)
     saved = sys.argv
-    sys.argv = [saved[0], *overrides, *(["--multirun"] if multirun else [])]
+    sys.argv = [saved[0], *overrides, *searchpath_overrides(), *(["--multirun"] if multirun else [])]
     with tempfile.TemporaryDirectory() as tmp:
         outcomes = Path(tmp) / "outcomes"
         outcomes.touch()

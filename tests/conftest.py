@@ -138,3 +138,12 @@ def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
     assert "Traceback" not in done.stderr
     assert lines[0].startswith("error: ")
     return lines[0]
+
+
+@pytest.fixture(scope="session")
+def views_results(tmp_path_factory: pytest.TempPathFactory, ml100k_dir: Path) -> Path:
+    """A results folder of real runs for the views' tests (``views_helpers.build_results``), built once per
+    session; tests copy it before changing anything."""
+    from views_helpers import build_results
+
+    return build_results(tmp_path_factory.mktemp("views"), ml100k_dir)

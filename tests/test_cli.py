@@ -127,7 +127,7 @@ def test_compare_baseline_formats_and_incomplete_runs(home: Path, ml100k_dir: Pa
     md = run_cli("compare", "results", "--baseline", "fixed", "--format", "markdown", home=home, check=True).stdout
     assert md.splitlines()[0].startswith("| dataset") and "Δ accuracy" in md and "failed" in md
     csv = run_cli("compare", "results", "--format", "csv", home=home, check=True).stdout
-    assert csv.splitlines()[0].startswith("status,dataset,task,model,method,variant,n,seeds")
+    assert csv.splitlines()[0].startswith("status,dataset,task,model,method,variant,tuning,n,seeds")
     # Three groups, then the two runs left out of the means, each with its status (not dropped).
     assert [line.split(",")[0] for line in csv.strip().splitlines()[1:]] == [
         "complete", "complete", "complete", "failed", "missing-run-json"]

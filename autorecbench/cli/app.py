@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from autorecbench import __version__
-from autorecbench.cli import runs
+from autorecbench.cli import export, plot, report, runs, tune
 from autorecbench.cli.reproduce import reproduce_app
 from autorecbench.console import err_console, out_console, run_app, setup_logging
 from autorecbench.errors import UserError
@@ -121,11 +121,13 @@ def compare(
         raise UserError("--output needs --format markdown, csv, latex or json")
 
 
-# ------------------------------------------------------------------------- the run lifecycle (cli/runs.py)
+# ------------------------------------------- plot, report, export, tune; resume, runs, clean (cli/runs.py)
 
-app.command()(runs.resume)
-app.command("runs")(runs.runs)
-app.command()(runs.clean)
+plot.register(app)
+report.register(app)
+export.register(app)
+tune.register(app)
+runs.register(app)
 
 
 # ------------------------------------------------------------------------------------------- methods
@@ -136,27 +138,31 @@ def methods() -> None:
     code (faithful / faithful, deviations documented / not faithful) and a one-line summary of the deviations."""
     from rich.table import Table
 
-    from autorecbench.config import config_dir
+    from autorecbench.config import group_options
     from autorecbench.methods.base import all_methods
 
     table = Table(title="Registered methods")
-    for column in ("name", "protocol", "fidelity", "deviations (config switches in the docstring)", "description", "paper"):
+    for column in ("name", "protocol", "fidelity", "deviations (config switches in the docstring)", "description",
+                   "paper", "package"):
         table.add_column(column, overflow="fold")
+    configured = group_options("method")
     for name, by_protocol in sorted(all_methods().items()):
         for protocol, cls in by_protocol.items():
             fidelity = cls.fidelity
-            if not (config_dir() / "method" / f"{name}.yaml").is_file():
+            if name not in configured:
                 fidelity += " (no conf/method YAML)"
-            table.add_row(name, protocol, fidelity, cls.deviations or "–", cls.description, cls.paper)
+            # Plugins (entry point autorecbench.methods) show the package they come from.
+            table.add_row(name, protocol, fidelity, cls.deviations or "–", cls.description, cls.paper,
+                          cls.__module__.split(".")[0])
     out_console.print(table)
 
 
 # ---------------------------------------------------------------------------------------------- data
 
 def _dataset_names() -> list[str]:
-    from autorecbench.config import config_dir
+    from autorecbench.config import group_options
 
-    return sorted(p.stem for p in (config_dir() / "data").glob("*.yaml"))
+    return group_options("data")
 
 
 def _dataset_config(name: str, overrides: list[str] | None):  # type: ignore[no-untyped-def]

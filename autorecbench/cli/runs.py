@@ -1,6 +1,6 @@
 """The run lifecycle commands: ``resume`` an interrupted run from its checkpoint, list ``runs`` with their
-status, ``clean --stale`` what interrupted runs and killed cache builds left behind. (``cli/app.py`` adds
-each with one line.)"""
+status, ``clean --stale`` what interrupted runs and killed cache builds left behind. ``cli/app.py`` adds them
+with :func:`register`."""
 
 from __future__ import annotations
 
@@ -160,3 +160,9 @@ def clean(
     for path, _ in doomed:
         shutil.rmtree(path, ignore_errors=True)
     out_console.print(f"removed {len(doomed)} item(s)", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(resume)
+    app.command("runs")(runs)
+    app.command()(clean)

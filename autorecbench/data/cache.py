@@ -32,6 +32,7 @@ from autorecbench.data.atomic import remove_orphans, swap_in, temp_folder
 from autorecbench.data.movielens import READERS
 from autorecbench.data.schema import FieldSpec, Schema
 from autorecbench.errors import MissingDataError, UserError, quoted
+from autorecbench.plugins import DATASETS_GROUP, load_entry_points
 from autorecbench.typed import check_dataclass
 
 log = logging.getLogger("autorecbench")
@@ -112,6 +113,7 @@ class DatasetConfig:
         return cfg
 
     def family_spec(self) -> Family:
+        load_entry_points(DATASETS_GROUP)  # plugins add their raw-format readers when imported
         if self.family not in FAMILIES:
             raise UserError(f"data.family: unknown family {self.family!r}; known: {', '.join(FAMILIES)}")
         return FAMILIES[self.family]

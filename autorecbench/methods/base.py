@@ -30,7 +30,7 @@ from torch import nn
 from autorecbench.data.schema import Schema, TaskSpec
 from autorecbench.data.stream import StreamBatch, StreamHistory
 from autorecbench.errors import UserError
-from autorecbench.plugins import import_package_modules
+from autorecbench.plugins import METHODS_GROUP, import_package_modules, load_entry_points
 from autorecbench.models.rating import output_probabilities
 from autorecbench.train.state import MISSING, restore
 
@@ -293,8 +293,15 @@ def register_method(cls: type[Method]) -> type[Method]:
 
 
 def load_methods() -> dict[str, type[StreamingMethod]]:
-    """Import every module of ``autorecbench.methods`` so each registers itself."""
+    """Import every module of ``autorecbench.methods`` so each registers itself, then the installed plugins'
+    (entry point group ``autorecbench.methods``: a module using ``@register_method``, or a method class)."""
     import_package_modules("autorecbench.methods", skip=("base",))
+    for plugin in load_entry_points(METHODS_GROUP):
+        if isinstance(plugin.obj, type) and issubclass(plugin.obj, Method):
+            try:
+                register_method(plugin.obj)
+            except RuntimeError as exc:  # e.g. a name clash with a built-in method
+                raise UserError(f"{plugin.describe()}: {exc}") from None
     return METHODS
 
 

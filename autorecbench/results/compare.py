@@ -6,7 +6,9 @@ Streaming runs show the evaluation window's metrics with throughput, embedding M
 
 Only complete runs enter the means; diverged runs are listed apart (with the stage, step and reason), and so
 are failed, interrupted (resumable or not), running and unreadable ones (a run whose ``run.json`` or
-``metrics.parquet`` is missing, empty or damaged: "unreadable: reason"); the rest compares normally.
+``metrics.parquet`` is missing, empty or damaged: "unreadable: reason"); the rest compares normally. Runs that
+`autorecbench tune` configured carry their budget (``tuning``: "tuned (N trials)", shown beside the method) and
+never share a row with untuned ones.
 Runs are grouped by their config hash (everything except seed, device, paths and verbosity), so two
 runs only share a row when they ran the same configuration; the variant label shows the overrides that
 tell rows of the same method apart.
@@ -26,9 +28,11 @@ from rich.console import Console
 from rich.table import Table
 
 from autorecbench.errors import UserError
+from autorecbench.results.collect import tuning_label
 from autorecbench.results.run_folder import RunRecord, discover, read_record
 
-KEYS = ["dataset", "task", "model", "method", "variant"]
+# ``tuning``: "tuned (N trials)" for runs `autorecbench tune` configured, shown beside the method.
+KEYS = ["dataset", "task", "model", "method", "variant", "tuning"]
 TASK_METRICS = {"binary": ["accuracy", "mse", "logloss", "auc"], "multiclass": ["accuracy", "ce", "auc"]}
 COST_METRICS = ["interactions_per_second", "embedding_bytes", "wall_seconds"]
 # Offline runs (CTR backbones, runner=offline) are judged on the test split: AUC and logloss (gAUC when the
@@ -86,6 +90,7 @@ def _load(records: list[RunRecord], split: str) -> tuple[pl.DataFrame | None, li
             pl.lit(str(info.get("runner", "streaming"))).alias("runner"),
             pl.lit(str(info.get("model", ""))).alias("model"),
             pl.lit(str(info.get("variant", ""))).alias("variant"),
+            pl.lit(tuning_label(info.get("tuning"))).alias("tuning"),
             pl.lit(str(info.get("config_hash", ""))).alias("config_hash"),
             pl.lit(str(rec.path)).alias("path"),
         )
@@ -264,7 +269,8 @@ def display_rows(cmp: Comparison, shared: list[str]) -> tuple[list[str], list[li
             header += [f"Δ {_header(m)}", "p"]
     cells = []
     for row in rows.to_dicts():
-        line = [row["dataset"], row["task"], *([row["model"]] if show_model else []), row["method"],
+        method = ", ".join(p for p in (row["method"], row["tuning"]) if p)  # e.g. "fixed, tuned (20 trials)"
+        line = [row["dataset"], row["task"], *([row["model"]] if show_model else []), method,
                 *([row["variant"]] if show_variant else []), str(row["n"])]
         for m in cmp.metrics:
             mean, std = row[f"{m}_mean"], row[f"{m}_std"]

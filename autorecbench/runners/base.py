@@ -131,6 +131,14 @@ class Runner(ABC):
     headline_split: ClassVar[str]
     # Whether run folder names carry the model (several backbones per dataset are the norm offline).
     names_model: ClassVar[bool] = False
+    # The split of a tuning trial's metrics that `autorecbench tune` selects on: validation, never test data.
+    tuning_split: ClassVar[str] = "valid"
+
+    @classmethod
+    def tuning_overrides(cls, cfg: Any, n_rows: int) -> list[str]:
+        """Overrides that keep a tuning trial off the data the final runs are judged on, for a dataset of
+        ``n_rows`` (none by default: the protocol has its own validation split)."""
+        return []
 
     def __init__(self, cfg: Any, progress: ProgressLike | None = None,
                  hook: Callable[[str, Any, Any], None] | None = None) -> None:

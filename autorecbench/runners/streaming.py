@@ -262,6 +262,15 @@ class StreamingProtocol(Runner):
     protocol = "streaming"
     config_class = StreamingConfig
     headline_split = "eval"
+    tuning_split = "eval"
+
+    @classmethod
+    def tuning_overrides(cls, cfg: StreamingConfig, n_rows: int) -> list[str]:
+        """A stream has no validation split: tuning trials stream only the rows before the evaluation window
+        (``runner.max_rows`` = its start), and their own evaluation window — the last part of that prefix, by
+        the same rule — is the validation the trials are selected on."""
+        rows = min(n_rows, cfg.max_rows) if cfg.max_rows else n_rows
+        return [f"runner.max_rows={evaluation_window(rows, cfg.eval_last, cfg.eval_fraction).start}"]
 
     @classmethod
     def check_data(cls, data_cfg: Any, task: Any) -> None:
