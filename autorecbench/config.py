@@ -15,7 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from autorecbench.errors import UserError
+from autorecbench.errors import UserError, quoted
 
 CONFIG_NAME = "config"
 # Keys that say where or how verbosely a run happens, not what is run: left out of the config hash.
@@ -24,6 +24,10 @@ NON_SEMANTIC_KEYS = ("seed", "quiet", "device", "paths", "hydra", "logger")
 # ``tune:`` block is the search space `autorecbench tune` samples from, not a setting of the run; which tuning
 # study chose a tuned run's values is where it came from (its budget, ``tuning.trials``, stays in the hash).
 LOCATION_KEYS = ("data.path", "data.processed_dir", "method.tune", "tuning.study")
+# How a run is kept alive and watched, not what it computes: a complete run has the same numbers whatever these
+# are, so they neither enter the config hash nor make a variant.
+OPERATIONAL_KEYS = ("runner.checkpoint_every", "runner.checkpoint_seconds", "runner.divergence_factor",
+                    "runner.divergence_warmup", "runner.divergence_margin", "data.chunk_bytes")
 # Overrides that already appear as their own columns in comparisons.
 IDENTITY_OVERRIDES = ("seed", "data", "method", "task", "device", "quiet", "model")
 # Overrides (by key prefix) that are not part of a run's variant label: where things go, the tracker, and the
@@ -88,12 +92,42 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
+    parser = OverridesParser.create()
     try:
-        parsed = OverridesParser.create().parse_overrides(overrides=list(overrides))
+        parsed = parser.parse_overrides(overrides=list(overrides))
         batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)
-    except HydraException as exc:
+    except (HydraException, ValueError) as exc:  # ValueError: e.g. an integer of more than 4,300 digits
+        for override in overrides:  # name the culprit
+            try:
+                parser.parse_overrides(overrides=[override])
+            except (HydraException, ValueError) as bad:
+                raise UserError(f"bad override {quoted(override)}: {_first_line(bad)}") from None
         raise UserError(f"bad override: {_first_line(exc)}") from None
     return [combo for batch in batches for combo in batch]
+
+
+def is_group_choice(override: str) -> bool:
+    """``method=esapn``, ``hydra/launcher=joblib``: picks a config file (a folder of ``conf/`` or of a plugin's)
+    rather than setting a value."""
+    key = override.split("=", 1)[0].lstrip("+~")
+    return "/" in key or ("." not in key and any((d / key).is_dir() for d in config_dirs()))
+
+
+def check_override_types(combo: list[str], cfg: DictConfig, reference: DictConfig) -> None:
+    """Every ``key=value`` of ``combo`` must have the kind of the value it replaces in ``reference`` (the config
+    composed from the same group choices alone): an integer where an integer was (``seed=1.5``, ``seed=abc``,
+    ``runner.batch_size=abc`` are errors), a number where a number was, true/false where a flag was."""
+    from autorecbench.typed import check_like
+
+    for override in combo:
+        if is_group_choice(override) or override.startswith("~") or "=" not in override:
+            continue
+        key = override.split("=", 1)[0].lstrip("+")
+        if key.startswith("hydra"):
+            continue
+        default = OmegaConf.select(reference, key, default=None, throw_on_resolution_failure=False)
+        value = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
+        check_like(key, value, default)
 
 
 def resolved(cfg: DictConfig) -> dict[str, Any]:
@@ -128,7 +162,10 @@ def validate(cfg: DictConfig) -> None:
     from autorecbench.methods.base import method_class
     from autorecbench.models.registry import model_class
 
+    from autorecbench.typed import check_value
+
     resolved(cfg)
+    check_value("seed", cfg.seed, int)
     task = TaskSpec.from_name(str(cfg.task))
     runner = configured_runner(cfg)
     model = model_class(str(cfg.model.name))
@@ -168,7 +205,8 @@ def resolve_device(name: str) -> Any:
 
 
 def config_hash(cfg: DictConfig) -> str:
-    """Identity of what a run computes: the unresolved config without seed, device, paths or verbosity.
+    """Identity of what a run computes: the unresolved config without seed, device, paths, verbosity or the
+    operational keys (checkpoints, divergence guard, chunk size).
 
     Unresolved, so that interpolations of the seed (``runner.order_seed: ${seed}``) do not split seeds of
     one experiment into different groups.
@@ -177,7 +215,7 @@ def config_hash(cfg: DictConfig) -> str:
     assert isinstance(container, dict)
     for key in NON_SEMANTIC_KEYS:
         container.pop(key, None)
-    for dotted in LOCATION_KEYS:
+    for dotted in (*LOCATION_KEYS, *OPERATIONAL_KEYS):
         group, _, leaf = dotted.partition(".")
         if isinstance(container.get(group), dict):
             container[group].pop(leaf, None)
@@ -189,7 +227,8 @@ def variant_label(overrides: list[str]) -> str:
     kept = []
     for item in overrides:
         key = item.split("=", 1)[0].lstrip("+~")
-        if key in IDENTITY_OVERRIDES or key in LOCATION_KEYS or key.startswith(UNLABELLED_PREFIXES):
+        if (key in IDENTITY_OVERRIDES or key in LOCATION_KEYS or key in OPERATIONAL_KEYS
+                or key.startswith(UNLABELLED_PREFIXES)):
             continue
         kept.append(item)
     return " ".join(sorted(kept))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -20,6 +21,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.text import Text
+
+from autorecbench.errors import QUOTE_LIMIT
 
 
 def _console(stderr: bool) -> Console:
@@ -111,9 +114,21 @@ class LogProgress:
         pass
 
 
+MESSAGE_LIMIT = 2000
+# A quoted value (repr) longer than QUOTE_LIMIT characters inside a message (see ``errors.quoted``).
+_LONG_QUOTE = re.compile(r"""(['"])((?:(?!\1).){%d})(?:(?!\1).)+\1""" % QUOTE_LIMIT, re.DOTALL)
+
+
+def one_line(message: str) -> str:
+    """An error message as one bounded line: line breaks become spaces, every quoted value is cut to
+    ``QUOTE_LIMIT`` characters (whatever the message's author did), the whole to ``MESSAGE_LIMIT``."""
+    text = _LONG_QUOTE.sub(lambda m: f"{m[1]}{m[2]}{m[1]}…", " ".join(message.split()))
+    return text if len(text) <= MESSAGE_LIMIT else text[:MESSAGE_LIMIT] + "…"
+
+
 def print_error(message: str) -> None:
-    """One line on stderr; the caller exits with code 2."""
-    err_console.print(Text.assemble(("error: ", "bold red"), message), highlight=False, soft_wrap=True)
+    """One line on stderr; the caller exits with its code (2 for a user error)."""
+    err_console.print(Text.assemble(("error: ", "bold red"), one_line(message)), highlight=False, soft_wrap=True)
 
 
 def run_app(app: Callable[[], object]) -> None:

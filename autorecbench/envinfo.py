@@ -1,7 +1,8 @@
-"""What a run records about where it ran: git commit, package versions, hardware."""
+"""What a run records about where it ran: git commit, package versions, hardware; whether a process still runs."""
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import subprocess
@@ -26,7 +27,13 @@ def package_versions() -> dict[str, str | None]:
 
 
 def git_state(start: Path | None = None) -> dict[str, Any]:
-    """Commit of the code that ran (the package's checkout), and whether it had local changes."""
+    """Commit of the code that ran (the package's checkout), and whether it had local changes: read once per
+    process (the code a process runs is the code it imported; a sweep's runs need not ask git again)."""
+    return dict(_git_state(start))
+
+
+@functools.lru_cache(maxsize=8)
+def _git_state(start: Path | None) -> dict[str, Any]:
     where = start or Path(__file__).resolve().parent
 
     def git(*args: str) -> str | None:
@@ -89,3 +96,27 @@ def peak_rss_bytes() -> int:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def process_start(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (Linux ``/proc``; None where unknown): with the pid it
+    names one process, even after the pid is reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2:].split()[19])  # field 22; the command name may hold spaces
+
+
+def pid_alive(pid: int, started: int | None = None) -> bool:
+    """Whether process ``pid`` (started at ``started``, :func:`process_start`, when known) runs on this host."""
+    if Path("/proc/self/stat").is_file():
+        current = process_start(pid)
+        return current is not None and (started is None or current == started)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,9 +1,21 @@
 """The package's exception classes. ``UserError`` and its subclasses are the user's to fix: the CLI prints them
-as one line and exits with code 2. ``RunFailed`` is a run that went wrong on its own (recorded as failed)."""
+as one line and exits with code 2. ``RunFailed`` is a run that went wrong on its own (recorded as failed, exit
+code 1); ``RunDiverged`` one whose training diverged (recorded as diverged, exit code 3)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+QUOTE_LIMIT = 200
+
+
+def quoted(value: Any, limit: int = QUOTE_LIMIT) -> str:
+    """``value`` quoted for an error message, cut to ``limit`` characters (a 10 MB line stays one short line)."""
+    text = str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return repr(text[:limit]) + f"… ({len(text):,} characters)"
 
 
 class UserError(Exception):
@@ -28,4 +40,16 @@ class MissingDataError(UserError):
 
 
 class RunFailed(RuntimeError):
-    """The run itself went wrong (e.g. non-finite predictions): recorded as a failed run."""
+    """The run itself went wrong: recorded as a failed run."""
+
+
+class RunDiverged(RunFailed):
+    """Training diverged (a non-finite loss or prediction, an exploding loss, an evaluation worse than a constant
+    prediction): the run stops there and is recorded with status ``diverged``, the stage, step and reason."""
+
+    def __init__(self, stage: str, step: int, reason: str) -> None:
+        self.stage, self.step, self.reason = stage, int(step), reason
+        super().__init__(f"diverged in the {stage} stage at step {step}: {reason}")
+
+    def record(self) -> dict[str, Any]:
+        return {"stage": self.stage, "step": self.step, "reason": self.reason}

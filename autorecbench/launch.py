@@ -7,31 +7,70 @@ Used by ``autorecbench run`` and by the reproductions that run a grid of runs.
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from autorecbench.console import err_console, out_console, print_error, setup_logging
-from autorecbench.errors import UserError
+from autorecbench.errors import RunDiverged, UserError, quoted
 
 log = logging.getLogger("autorecbench")
+
+EXIT_OK, EXIT_FAILED, EXIT_USER, EXIT_DIVERGED = 0, 1, 2, 3
+OUTCOMES_ENV = "AUTORECBENCH_OUTCOMES"
 
 
 def compose_runs(overrides: list[str], multirun: bool) -> list[DictConfig]:
     """Every run a list of overrides describes, composed and statically checked (nothing read or written)."""
-    from autorecbench.config import compose, expand_sweep, validate
+    from autorecbench.config import is_group_choice, check_override_types, compose, expand_sweep, validate
 
     combos = expand_sweep(overrides)
     if len(combos) > 1 and not multirun:
         raise UserError(f"these overrides describe a sweep of {len(combos)} runs: add -m (--multirun)")
     configs = []
+    references: dict[tuple[str, ...], DictConfig] = {}  # the config of each set of group choices, for types
     for combo in combos:
         cfg = compose(combo)
+        choices = tuple(o for o in combo if is_group_choice(o))
+        if choices not in references:
+            references[choices] = compose(list(choices))
+        check_override_types(combo, cfg, references[choices])
         validate(cfg)
         configs.append(cfg)
     return configs
+
+
+def check_writable(path: Path, what: str) -> None:
+    """Stop with one line unless files can be created in ``path`` (or, where it does not exist yet, in the
+    nearest folder above it that does); nothing is left behind."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        if not probe.is_dir():
+            raise NotADirectoryError(f"{probe} is not a folder")
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise UserError(f"{what} {quoted(path)} is not writable ({exc.strerror or exc})") from None
+
+
+def check_folders(cfg: DictConfig) -> None:
+    """The results folder, and the cache (and generated raw) folders a run would write, before data is read."""
+    from autorecbench.data import synthetic
+    from autorecbench.data.cache import DatasetConfig, cached
+
+    check_writable(Path(str(cfg.paths.results_dir)), "results folder")
+    data_cfg = DatasetConfig.from_mapping(cfg.data)
+    if cached(data_cfg) is None:
+        check_writable(Path(data_cfg.processed_dir), "cache folder")
+        if data_cfg.generator is not None and not synthetic.generated_dir(Path(data_cfg.path), data_cfg.generator).is_dir():
+            check_writable(Path(data_cfg.path), "raw data folder")
 
 
 def prepare_datasets(configs: list[DictConfig]) -> None:
@@ -47,38 +86,91 @@ def prepare_datasets(configs: list[DictConfig]) -> None:
             prepare_data(cfg)
 
 
-def launch_runs(overrides: list[str], multirun: bool, configs: list[DictConfig] | None = None) -> None:
-    """Run what ``overrides`` describe (``configs``: their :func:`compose_runs`, when the caller has them)."""
+def launch_runs(overrides: list[str], multirun: bool, configs: list[DictConfig] | None = None) -> int:
+    """Run what ``overrides`` describe (``configs``: their :func:`compose_runs`, when the caller has them); the
+    exit code: 0, or 1 if a run failed, else 3 if a run diverged (a sweep runs every job either way)."""
     if configs is None:
         configs = compose_runs(overrides, multirun)
+    for cfg in configs:
+        check_folders(cfg)
     prepare_datasets(configs)
     if multirun:
         log.info("launching %d run(s)", len(configs))
-    launch_hydra(overrides, multirun)
+    return launch_hydra(overrides, multirun)
+
+
+def run_and_report(start: Callable[[Callable[[Path], None]], Path]) -> int:
+    """Run one job, ``start(on_folder)``, and print how it ended in one line; returns the exit code: 0
+    complete, 1 failed (the traceback is in its ``run.json``), 2 a user error, 3 diverged."""
+    folders: list[Path] = []
+    try:
+        path = start(folders.append)
+    except UserError as exc:
+        print_error(str(exc))
+        return EXIT_USER
+    except RunDiverged as exc:
+        where = f" ({folders[-1]})" if folders else ""
+        print_error(f"run diverged in the {exc.stage} stage at step {exc.step}: {_one_line(exc.reason)}{where}")
+        return EXIT_DIVERGED
+    except Exception as exc:  # noqa: BLE001 - a failed run is one line; its traceback is in run.json
+        where = f" ({folders[-1]}; traceback in its run.json)" if folders else ""
+        print_error(f"run failed{where}: {type(exc).__name__}: {_one_line(exc)}")
+        return EXIT_FAILED
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: say how to go on, then stop as interrupted (exit 130)
+        if folders:
+            print_error(f"interrupted: {folders[-1]} keeps its last checkpoint; `autorecbench resume` continues it")
+        raise
+    out_console.print(f"results: {path}", highlight=False, soft_wrap=True)
+    return EXIT_OK
+
+
+def worst(codes: list[int]) -> int:
+    """A sweep's exit code: failed (1) before diverged (3) before a user error (2) before success."""
+    for code in (EXIT_FAILED, EXIT_DIVERGED, EXIT_USER):
+        if code in codes:
+            return code
+    return EXIT_OK
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def progress_for(cfg: DictConfig, quiet: bool) -> Any:
+    """A progress bar on a terminal, log lines at every 10% otherwise (or with ``--quiet``)."""
+    from autorecbench.console import LogProgress, RichProgress
+
+    label = f"{cfg.method.name} on {cfg.data.name}"
+    return LogProgress(label) if quiet or not err_console.is_terminal else RichProgress(label)
 
 
 def _hydra_task(cfg: DictConfig) -> None:
-    """What Hydra calls for each run (also in a launcher's worker processes, hence module level)."""
+    """What Hydra calls for each run (also in a launcher's worker processes, hence module level). A single run
+    exits with its code; in a sweep each job appends its code to ``$AUTORECBENCH_OUTCOMES`` and the sweep
+    goes on."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
-    from autorecbench.console import LogProgress, RichProgress
     from autorecbench.execute import execute
 
     setup_logging()
-    overrides = list(HydraConfig.get().overrides.task)
-    label = f"{cfg.method.name} on {cfg.data.name}"
-    progress = LogProgress(label) if cfg.quiet or not err_console.is_terminal else RichProgress(label)
-    try:
-        path = execute(cfg, overrides, progress)
-    except UserError as exc:
-        print_error(str(exc))
-        sys.exit(2)
-    out_console.print(f"results: {path}", highlight=False, soft_wrap=True)
+    hydra_cfg = HydraConfig.get()
+    overrides = list(hydra_cfg.overrides.task)
+    progress = progress_for(cfg, bool(cfg.quiet))
+    code = run_and_report(lambda on_folder: execute(cfg, overrides, progress, on_folder=on_folder))
+    outcomes = os.environ.get(OUTCOMES_ENV)
+    if hydra_cfg.mode == RunMode.MULTIRUN and outcomes:
+        with open(outcomes, "a") as fh:
+            fh.write(f"{code}\n")
+    elif code != EXIT_OK:
+        sys.exit(code)
 
 
-def launch_hydra(overrides: list[str], multirun: bool, task: Callable[[DictConfig], Any] = _hydra_task) -> None:
+def launch_hydra(overrides: list[str], multirun: bool, task: Callable[[DictConfig], Any] = _hydra_task) -> int:
     """Hand the overrides to Hydra's own entry point, which calls ``task`` once per run (or per trial of a
-    sweeper); the plugins' config folders join the search path."""
+    sweeper); the plugins' config folders join the search path. Returns the worst exit code the runs appended
+    to ``$AUTORECBENCH_OUTCOMES`` (:func:`_hydra_task` does; 0 when none did)."""
     import hydra
 
     from autorecbench.config import CONFIG_NAME, config_dir, searchpath_overrides
@@ -86,7 +178,13 @@ def launch_hydra(overrides: list[str], multirun: bool, task: Callable[[DictConfi
     entry = hydra.main(config_path=str(config_dir()), config_name=CONFIG_NAME, version_base="1.3")(task)
     saved = sys.argv
     sys.argv = [saved[0], *overrides, *searchpath_overrides(), *(["--multirun"] if multirun else [])]
-    try:
-        entry()
-    finally:
-        sys.argv = saved
+    with tempfile.TemporaryDirectory() as tmp:
+        outcomes = Path(tmp) / "outcomes"
+        outcomes.touch()
+        os.environ[OUTCOMES_ENV] = str(outcomes)  # joblib workers inherit it
+        try:
+            entry()
+        finally:
+            sys.argv = saved
+            os.environ.pop(OUTCOMES_ENV, None)
+        return worst([int(line) for line in outcomes.read_text().split()])

@@ -37,27 +37,38 @@ def auc(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
+def logloss(prob: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Mean binary cross-entropy of P(y=1) ``prob``, clipped to [EPS, 1 - EPS] (float64)."""
+    label = label.to(torch.float64)
+    clipped = prob.to(torch.float64).clamp(EPS, 1 - EPS)
+    return -(label * clipped.log() + (1 - label) * (1 - clipped).log()).mean()
+
+
+def cross_entropy(probs: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of class probabilities ``probs`` (Eq. 4), the true class's clipped at EPS (float64)."""
+    p_true = probs.gather(1, label.to(torch.int64)[:, None]).squeeze(1).to(torch.float64)
+    return -p_true.clamp_min(EPS).log().mean()
+
+
 def binary_metrics(prob: torch.Tensor, label: torch.Tensor) -> dict[str, torch.Tensor]:
     label = label.to(torch.float64)
     p = prob.to(torch.float64)
-    clipped = p.clamp(EPS, 1 - EPS)
     return {
         "accuracy": ((p >= 0.5).to(torch.float64) == label).to(torch.float64).mean(),
         "mse": ((label - p) ** 2).mean(),
-        "logloss": -(label * clipped.log() + (1 - label) * (1 - clipped).log()).mean(),
+        "logloss": logloss(prob, label),
         "auc": auc(prob, label),
     }
 
 
 def multiclass_metrics(probs: torch.Tensor, label: torch.Tensor) -> dict[str, torch.Tensor]:
     label = label.to(torch.int64)
-    p_true = probs.gather(1, label[:, None]).squeeze(1).to(torch.float64)
     aucs = [auc(probs[:, c], label == c) for c in range(probs.shape[1])]
     valid = [a for a in aucs if not torch.isnan(a)]
     macro = torch.stack(valid).mean() if valid else torch.tensor(math.nan, dtype=torch.float64)
     return {
         "accuracy": (probs.argmax(dim=1) == label).to(torch.float64).mean(),
-        "ce": -p_true.clamp_min(EPS).log().mean(),
+        "ce": cross_entropy(probs, label),
         "auc": macro,
     }
 

@@ -68,6 +68,33 @@ def run_cli(*args: str, home: Path | None = None, check: bool = False, timeout: 
     return done
 
 
+def run_main(*args: str, home: Path, capsys: pytest.CaptureFixture[str],
+             monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, str]:
+    """The CLI's entry point (``autorecbench ARGS``) in this process, without a process start-up: exit code,
+    stdout, stderr. For commands whose exit happens in our own code; runs go through ``run_cli``."""
+    from autorecbench.cli.app import main
+
+    monkeypatch.setenv("AUTORECBENCH_HOME", str(home))
+    monkeypatch.setenv("COLUMNS", "250")
+    monkeypatch.chdir(home)
+    monkeypatch.setattr(sys, "argv", ["autorecbench", *args])
+    capsys.readouterr()
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error_line(code: int, err: str) -> str:
+    """``one_line_error`` for :func:`run_main`'s result."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, (code, err)
+    return lines[0]
+
+
 def prepare_synthetic(root: Path, n_users: int, n_items: int, n_interactions: int):
     """A small seeded synthetic MovieLens-format stream (a real ratings.csv through the loader), prepared under
     ``root``."""

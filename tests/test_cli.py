@@ -127,12 +127,14 @@ def test_compare_baseline_formats_and_incomplete_runs(home: Path, ml100k_dir: Pa
     md = run_cli("compare", "results", "--baseline", "fixed", "--format", "markdown", home=home, check=True).stdout
     assert md.splitlines()[0].startswith("| dataset") and "Δ accuracy" in md and "failed" in md
     csv = run_cli("compare", "results", "--format", "csv", home=home, check=True).stdout
-    assert csv.splitlines()[0].startswith("dataset,task,model,method,variant,tuning,n,seeds")
-    assert len(csv.strip().splitlines()) == 4
+    assert csv.splitlines()[0].startswith("status,dataset,task,model,method,variant,tuning,n,seeds")
+    # Three groups, then the two runs left out of the means, each with its status (not dropped).
+    assert [line.split(",")[0] for line in csv.strip().splitlines()[1:]] == [
+        "complete", "complete", "complete", "failed", "missing-run-json"]
     tex = run_cli("compare", "results", "--format", "latex", "-o", "table.tex", home=home, check=True)
     assert "\\toprule" in (home / "table.tex").read_text() and tex.stdout == ""
     rich_out = run_cli("compare", "results", home=home, check=True).stdout
-    assert "Incomplete or failed runs" in rich_out and "s9.partial" in rich_out
+    assert "Incomplete, failed or unreadable runs" in rich_out and "s9.partial" in rich_out
 
 
 def test_compare_without_results(home: Path) -> None:

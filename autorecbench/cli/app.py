@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from autorecbench import __version__
-from autorecbench.cli import export, plot, report, tune, validate
+from autorecbench.cli import export, plot, report, runs, tune, validate
 from autorecbench.cli.reproduce import reproduce_app
 from autorecbench.console import err_console, out_console, run_app, setup_logging
 from autorecbench.errors import UserError
@@ -64,7 +64,10 @@ def run(
     show_config: Annotated[bool, typer.Option("--show-config", help="Print the composed config and exit without running.")] = False,
     skip_bad_rows: Annotated[bool, typer.Option("--skip-bad-rows", help="CTR data: drop malformed raw rows (counted and reported) instead of stopping at the first.")] = False,
 ) -> None:
-    """Run a method on a dataset and write its results folder (metrics and the runner's tables in Parquet)."""
+    """Run a method on a dataset and write its results folder (metrics and the runner's tables in Parquet).
+
+    Exit code 0: complete; 1: a run failed (one line here, the traceback in its run.json); 2: bad input, nothing
+    run; 3: a run diverged (status `diverged`). A sweep runs every job and exits with the worst of them."""
     from omegaconf import OmegaConf
 
     from autorecbench.launch import compose_runs, launch_runs
@@ -83,7 +86,9 @@ def run(
     if show_config:
         out_console.out(OmegaConf.to_yaml(configs[0], resolve=True), highlight=False)
         return
-    launch_runs(overrides, multirun, configs)
+    code = launch_runs(overrides, multirun, configs)
+    if code:
+        raise typer.Exit(code)
 
 
 # -------------------------------------------------------------------------------------------- compare
@@ -99,7 +104,8 @@ def compare(
 ) -> None:
     """Line runs up by dataset × task × method: mean ± std over seeds, n, optional deltas vs a baseline.
 
-    Failed, interrupted or incomplete runs are listed apart and never enter the means.
+    Diverged runs are listed apart, and so are failed, interrupted, running and unreadable ones (a damaged
+    run.json or metrics.parquet: "unreadable: reason"); none enters the means, the rest compares normally.
     """
     from autorecbench.results.compare import compare as do_compare
     from autorecbench.results.compare import render, write
@@ -115,13 +121,14 @@ def compare(
         raise UserError("--output needs --format markdown, csv, latex or json")
 
 
-# ------------------------------------------------------------------------ plot, report, export, tune
+# ------------------------------------------- plot, report, export, tune; resume, runs, clean (cli/runs.py)
 
 plot.register(app)
 report.register(app)
 export.register(app)
 tune.register(app)
 validate.register(app)
+runs.register(app)
 
 
 # ------------------------------------------------------------------------------------------- methods

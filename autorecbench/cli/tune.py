@@ -65,7 +65,9 @@ def tune(
     out_console.print(f"study: {study.directory}", highlight=False, soft_wrap=True)
     if no_final:
         return
-    launch_runs(final_overrides(study, overrides, final_seeds), multirun=True)
+    code = launch_runs(final_overrides(study, overrides, final_seeds), multirun=True)
+    if code:  # a final run failed (1) or diverged (3)
+        raise typer.Exit(code)
 
 
 def register(app: typer.Typer) -> None:

@@ -33,7 +33,7 @@ from autorecbench.data.ctr import (
     value_problems,
 )
 from autorecbench.data.textfile import header_fields
-from autorecbench.errors import DataFormatError, UserError
+from autorecbench.errors import DataFormatError, UserError, quoted
 
 HEADER = ["id", "click", "hour", "C1", "banner_pos", "site_id", "site_domain", "site_category", "app_id",
           "app_domain", "app_category", "device_id", "device_ip", "device_model", "device_type",
@@ -65,7 +65,7 @@ class AvazuFormat(CTRFormat):
         if first_chunk:
             head = lines.row(0, named=True)
             if header_fields(head["text"], ",") != HEADER:
-                raise DataFormatError(path, f"expected the Avazu header {','.join(HEADER)!r}, found {head['text'][:200]!r}",
+                raise DataFormatError(path, f"expected the Avazu header {','.join(HEADER)!r}, found {quoted(head['text'])}",
                                       line=head["line"])
             lines = lines.slice(1)
         count_bad, describe_count = field_count_problem(lines, ",", len(HEADER))

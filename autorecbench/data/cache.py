@@ -7,8 +7,10 @@ The cache folder is ``<processed_dir>/<dataset>-<fingerprint[:16]>/`` with ``sch
   field, ``label`` and ``split`` int8) and ``vocab/<field>.parquet``.
 The fingerprint covers the cache format version, the raw files (name, format, size, modification time) and
 every preprocessing option of the family, so preparing twice reuses the cache and changing any option builds
-a new one. Folders are written under a temporary name and renamed when complete: a failed preparation
-leaves nothing behind.
+a new one. Folders are written under a temporary name and renamed when complete (``atomic.py``): a failed
+preparation leaves nothing behind, one killed outright leaves a temporary folder that the next preparation
+of that cache (or ``autorecbench clean --stale``) removes, and a cache being replaced is renamed aside, never
+deleted while a run may read it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import os
 import shutil
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
@@ -27,10 +28,12 @@ from typing import Any
 import polars as pl
 
 from autorecbench.data import synthetic
+from autorecbench.data.atomic import remove_orphans, swap_in, temp_folder
 from autorecbench.data.movielens import READERS
 from autorecbench.data.schema import FieldSpec, Schema
-from autorecbench.errors import MissingDataError, UserError
+from autorecbench.errors import MissingDataError, UserError, quoted
 from autorecbench.plugins import DATASETS_GROUP, load_entry_points
+from autorecbench.typed import check_dataclass
 
 log = logging.getLogger("autorecbench")
 # 2: schema.json gained label, splits and user_field; CTR families.
@@ -89,6 +92,7 @@ class DatasetConfig:
         known = {f for f in DatasetConfig.__dataclass_fields__}
         extra = {k: v for k, v in data.items() if k not in known}
         data = {k: v for k, v in data.items() if k in known}
+        check_dataclass(DatasetConfig, data, "data")
         try:
             data["sources"] = [SourceSpec(**s) for s in data.get("sources", [])]
             cfg = DatasetConfig(**data, extra=extra)
@@ -374,23 +378,21 @@ def prepare(cfg: DatasetConfig, *, force: bool = False) -> PreparedData:
     final = processed / f"{cfg.name}-{fingerprint[:16]}"
     if (final / "schema.json").is_file() and not force:
         return PreparedData(Schema.load(final / "schema.json"), final, reused=True)
-    processed.mkdir(parents=True, exist_ok=True)
-    tmp = processed / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        processed.mkdir(parents=True, exist_ok=True)
+        remove_orphans(final)  # what a killed preparation of this cache left
+        tmp = temp_folder(final)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as exc:
+        raise UserError(f"cache folder {quoted(processed)} is not writable ({exc.strerror or exc})") from None
     try:
         schema = cfg.family_spec().build(cfg, paths, source, fingerprint, tmp)
         skipped = schema.extra.get("skipped_rows", 0)
         if skipped:
             log.warning("%s: skipped %d malformed row(s) (data.skip_bad_rows); first: %s", cfg.name, skipped,
                         schema.extra.get("first_skipped"))
-        if final.exists():
-            shutil.rmtree(final)
-        try:
-            tmp.rename(final)
-        except OSError:
-            if not (final / "schema.json").is_file():  # not a concurrent twin: a real failure
-                raise
+        swap_in(tmp, final)  # a cache being replaced is renamed aside, never deleted under a reader
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return PreparedData(schema, final, reused=False)

@@ -48,7 +48,7 @@ from autorecbench.data.splits import (
     split_by_day,
 )
 from autorecbench.data.textfile import iter_line_chunks
-from autorecbench.errors import DataFormatError, UserError
+from autorecbench.errors import DataFormatError, UserError, quoted
 
 OOV, MISSING = 0, 1  # reserved codes in every field
 FIRST_CODE = 2
@@ -197,7 +197,7 @@ def value_problems(frame: pl.DataFrame, ok: pl.Series, checks: list[Check]
     masks = frame.select([c.bad.fill_null(True).alias(f"_{i}") for i, c in enumerate(checks)])
 
     def describe(check: Check) -> Callable[[dict[str, Any]], str]:
-        return lambda row: f"{check.message}: {row[check.column]!r}"
+        return lambda row: f"{check.message}: {quoted(row[check.column])}"
 
     return [(masks[f"_{i}"] & ok, describe(c)) for i, c in enumerate(checks)]
 

@@ -27,7 +27,7 @@ from autorecbench.data.textfile import (
     read_lines,
     split_fields,
 )
-from autorecbench.errors import DataFormatError
+from autorecbench.errors import DataFormatError, quoted
 
 COLUMNS = ["user_raw", "item_raw", "rating", "timestamp"]
 RATINGS_CSV_HEADER = ["userId", "movieId", "rating", "timestamp"]
@@ -62,7 +62,7 @@ def read_ratings_csv(path: Path) -> pl.DataFrame:
     found = header_fields(first["text"], ",")
     if found != RATINGS_CSV_HEADER:
         raise DataFormatError(
-            path, f"expected header {','.join(RATINGS_CSV_HEADER)!r}, found {first['text']!r}", line=first["line"]
+            path, f"expected header {','.join(RATINGS_CSV_HEADER)!r}, found {quoted(first['text'])}", line=first["line"]
         )
     body = lines.slice(1)
     if body.height == 0:
@@ -94,7 +94,7 @@ def read_recbole_atomic(path: Path) -> pl.DataFrame:
     for token in tokens:
         name, colon, kind = token.partition(":")
         if not colon or not name or not kind:
-            raise DataFormatError(path, f"header field {token!r} is not of the form name:type", line=first["line"])
+            raise DataFormatError(path, f"header field {quoted(token)} is not of the form name:type", line=first["line"])
         names.append(name)
     missing = [n for n in ATOMIC_REQUIRED if n not in names]
     if missing:

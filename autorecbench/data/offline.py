@@ -78,16 +78,17 @@ class SplitData:
             out[-1] = (out[-1][0], last[1])
         return out
 
-    def batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[OfflineBatch]:
-        """All rows once, in order or (``generator``) in a fresh seeded random order, ``batch_size`` at a time."""
+    def batches(self, batch_size: int, generator: torch.Generator | None = None, skip: int = 0) -> Iterator[OfflineBatch]:
+        """All rows once, in order or (``generator``) in a fresh seeded random order, ``batch_size`` at a time;
+        ``skip``: leave out the first batches (a resumed epoch: the order is drawn all the same)."""
         if generator is None:
-            for start, end in self.bounds(batch_size):
+            for start, end in self.bounds(batch_size)[skip:]:
                 yield self.rows(slice(start, end))
             return
         order = torch.randperm(len(self), generator=generator)
         if self.resident:
             order = order.to(self.device)
-        for start, end in self.bounds(batch_size):
+        for start, end in self.bounds(batch_size)[skip:]:
             yield self.rows(order[start:end])
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import polars as pl
 import torch
@@ -176,6 +177,17 @@ class StreamHistory:
         self.item_count.index_add_(0, batch.item, ones)
         self.n_seen = batch.end
         self._last = (batch.start, batch.end)
+
+    def state(self) -> dict[str, Any]:
+        """The counters and position (for a checkpoint; the stream itself is reloaded)."""
+        return {"user_count": self.user_count, "item_count": self.item_count, "n_seen": self.n_seen,
+                "last": self._last}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.user_count.copy_(state["user_count"])
+        self.item_count.copy_(state["item_count"])
+        self.n_seen = int(state["n_seen"])
+        self._last = None if state["last"] is None else (int(state["last"][0]), int(state["last"][1]))
 
     def last_batch(self) -> StreamBatch | None:
         if self._last is None:

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,6 +49,7 @@ import numpy as np
 import polars as pl
 
 from autorecbench.errors import UserError
+from autorecbench.data.atomic import remove_orphans, temp_folder
 
 GENERATOR_VERSION = 1
 
@@ -162,9 +162,11 @@ def generate_movielens(spec: MovieLensGenerator, directory: Path) -> Path:
     frame = pl.DataFrame(
         {"userId": users + 1, "movieId": items + 1, "rating": rating, "timestamp": timestamp}
     ).sort(["userId", "movieId", "timestamp"])
-    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    remove_orphans(directory)  # what a killed generation left
+    tmp = temp_folder(directory)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp.mkdir()
     frame.write_csv(tmp / "ratings.csv", float_precision=1)
     np.savez_compressed(tmp / "truth.npz", user_factors=p, item_factors=q, user_bias=b_u, item_bias=b_i, **planted)
     (tmp / "truth.json").write_text(json.dumps({"generator": "movielens", **asdict(spec)}, indent=2) + "\n")

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -48,6 +47,7 @@ import numpy as np
 import polars as pl
 
 from autorecbench.errors import UserError
+from autorecbench.data.atomic import remove_orphans, temp_folder
 
 GENERATOR_VERSION = 1
 CHUNK_ROWS = 250_000
@@ -350,9 +350,11 @@ def generate_ctr(kind: str, spec: CTRGenerator, directory: Path) -> Path:
     raw, model = planted_model(kind, spec)
     fields = model.fields
     filename = "train.txt" if kind == "criteo" else "train.csv"
-    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    remove_orphans(directory)  # what a killed generation left
+    tmp = temp_folder(directory)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp.mkdir()
     p_click = np.empty(spec.rows, dtype=np.float32)
     clicks_total = 0
     with (tmp / filename).open("wb") as out:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import polars as pl
 
-from autorecbench.errors import DataFormatError
+from autorecbench.errors import DataFormatError, quoted
 
 # Unit separator: never present in the published formats, so each line lands in one column.
 _NO_SPLIT = "\x1f"
@@ -71,8 +71,8 @@ def read_lines(path: Path) -> pl.DataFrame:
 def _unquote(expr: pl.Expr) -> pl.Expr:
     """Trim spaces and one pair of surrounding double quotes, as CSV writers that quote everything do."""
     expr = expr.str.strip_chars(" ")
-    quoted = expr.str.starts_with('"') & expr.str.ends_with('"') & (expr.str.len_chars() >= 2)
-    return pl.when(quoted).then(expr.str.slice(1, expr.str.len_chars() - 2)).otherwise(expr)
+    is_quoted = expr.str.starts_with('"') & expr.str.ends_with('"') & (expr.str.len_chars() >= 2)
+    return pl.when(is_quoted).then(expr.str.slice(1, expr.str.len_chars() - 2)).otherwise(expr)
 
 
 def split_fields(lines: pl.DataFrame, separator: str, names: list[str], path: Path) -> pl.DataFrame:
@@ -112,12 +112,12 @@ def parse_int(frame: pl.DataFrame, column: str, what: str, path: Path, *, minimu
     bad = values.is_null()
     if bad.any():
         line, value = _first_bad(frame, bad, column)
-        raise DataFormatError(path, f"{what} is not an integer: {value!r}", line=line)
+        raise DataFormatError(path, f"{what} is not an integer: {quoted(value)}", line=line)
     if minimum is not None:
         low = values < minimum
         if low.any():
             line, value = _first_bad(frame, low, column)
-            raise DataFormatError(path, f"{what} must be >= {minimum}, found {value!r}", line=line)
+            raise DataFormatError(path, f"{what} must be >= {minimum}, found {quoted(value)}", line=line)
     return values
 
 
@@ -128,7 +128,7 @@ def parse_float(frame: pl.DataFrame, column: str, what: str, path: Path) -> pl.S
     bad = values.is_null() | ~values.is_finite()
     if bad.any():
         line, value = _first_bad(frame, bad, column)
-        raise DataFormatError(path, f"{what} is not a number: {value!r}", line=line)
+        raise DataFormatError(path, f"{what} is not a number: {quoted(value)}", line=line)
     return values
 
 
@@ -136,7 +136,7 @@ def check(frame: pl.DataFrame, bad: pl.Series, column: str, message: str, path: 
     """Raise for the first row where ``bad`` holds; ``message`` gets the offending value appended."""
     if bad.any():
         line, value = _first_bad(frame, bad, column)
-        raise DataFormatError(path, f"{message}, found {value!r}", line=line)
+        raise DataFormatError(path, f"{message}, found {quoted(value)}", line=line)
 
 
 # ---------------------------------------------------------------- chunked reading (bounded memory)

@@ -9,6 +9,10 @@ A method owns its embeddings, model, optimisers and search state.
 Every method reports ``memory()`` (bytes its embedding tables really hold, dims per entity or field,
 parameter counts) and ``architecture()`` (what its search chose). Runners never look at a method's name.
 A name may be registered once per protocol (FIXED has a streaming and an offline class).
+
+Checkpoints (``runner.checkpoint_every``, ``autorecbench resume``) keep a method through ``state_dict()`` /
+``load_state_dict()``; the defaults keep every attribute but ``ctx`` (see :meth:`Method.state_dict`), so a
+method needs no code for them unless it keeps state somewhere a checkpoint cannot see.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from autorecbench.data.stream import StreamBatch, StreamHistory
 from autorecbench.errors import UserError
 from autorecbench.plugins import METHODS_GROUP, import_package_modules, load_entry_points
 from autorecbench.models.rating import output_probabilities
+from autorecbench.train.state import MISSING, restore
 
 if TYPE_CHECKING:
     from autorecbench.data.offline import OfflineBatch, SplitData
@@ -78,9 +83,33 @@ class Method(ABC):
     fidelity: ClassVar[str] = "faithful"
     deviations: ClassVar[str] = ""
     protocols: ClassVar[tuple[str, ...]] = ()
+    # Attributes a checkpoint leaves out: what the method is built from, the same when a run resumes.
+    checkpoint_exclude: ClassVar[tuple[str, ...]] = ("ctx",)
 
     def __init__(self, ctx: MethodContext) -> None:
         self.ctx = ctx
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of this method: by default every attribute but ``checkpoint_exclude`` —
+        modules, tensors, optimisers (also :class:`~autorecbench.train.optim.FlatAdam` and the mixed-dimension
+        stores), torch/numpy/``random`` generators, plain data, and any object or container holding them. The
+        values are the live objects; the checkpoint writes them at once (``autorecbench.train.state.dump``).
+
+        Override it (and :meth:`load_state_dict`) only for state a checkpoint cannot see or write: a global,
+        a file or process handle, a value that lives outside the method object.
+        """
+        return {name: value for name, value in vars(self).items() if name not in self.checkpoint_exclude}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Put ``state`` (a :meth:`state_dict` read back from a checkpoint) into this freshly built method, in
+        place: tensors are copied into the live ones, optimisers and generators load their state, objects and
+        containers are restored member by member; what the method lacks (an attribute a resumed run's skipped
+        stage would have set) is taken from the checkpoint (``autorecbench.train.state.restore``)."""
+        for name, saved in state.items():
+            current = vars(self).get(name, MISSING)
+            kept = restore(current, saved)
+            if kept is not current:
+                vars(self)[name] = kept
 
     @classmethod
     def check_config(cls, cfg: DictConfig) -> None:

@@ -105,6 +105,7 @@ def grid(datasets: list[str], models: list[str], ablations: bool) -> list[Cell]:
 def run_grid(cells: list[Cell], seeds: list[int], small: bool, extra: list[str]) -> None:
     """Run every implemented cell once per seed, in process, and read back its test metrics."""
     from autorecbench.config import compose, validate
+    from autorecbench.errors import RunDiverged
     from autorecbench.execute import execute
 
     for cell in cells:
@@ -117,7 +118,11 @@ def run_grid(cells: list[Cell], seeds: list[int], small: bool, extra: list[str])
             cfg = compose(overrides)
             validate(cfg)
             log.info("%s / %s / %s, seed %d", cell.dataset, cell.model, cell.column, seed)
-            folder = execute(cfg, overrides)
+            try:
+                folder = execute(cfg, overrides)
+            except RunDiverged as exc:  # a result too: the cell shows the seeds that did not diverge
+                log.warning("%s / %s / %s, seed %d: %s", cell.dataset, cell.model, cell.column, seed, exc)
+                continue
             metrics = pl.read_parquet(folder / "metrics.parquet").filter(pl.col("split") == "test")
             for metric, value in zip(metrics["metric"], metrics["value"]):
                 cell.values.setdefault(str(metric), []).append(float(value))

@@ -306,10 +306,12 @@ def command(
         extra += ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}"]
     results = Path(str(compose(["experiment=table1", *[o for o in extra if o.startswith("paths.")]]).paths.results_dir))
     before = _snapshot(results)
-    launch_runs([*grid_overrides(datasets, seed_list, extra), *(["quiet=true"] if quiet else [])], multirun=True)
+    code = launch_runs([*grid_overrides(datasets, seed_list, extra), *(["quiet=true"] if quiet else [])], multirun=True)
     new = sorted(_snapshot(results) - before)
     if not new:
         raise UserError(f"no runs were written to {results}")
     text = table1_from_results([str(p) for p in new], out_console, fmt)
     if text is not None:
         out_console.out(text, end="", highlight=False)
+    if code:  # a failed or diverged run: the table shows the others, the exit code says so
+        raise SystemExit(code)

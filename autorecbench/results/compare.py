@@ -4,7 +4,9 @@ over seeds, optional deltas against a baseline method with a significance test a
 Streaming runs show the evaluation window's metrics with throughput, embedding MiB and wall time; offline
 (CTR) runs the test split's AUC, logloss (and gAUC) with parameters, embedding MiB, search and train seconds.
 
-Only complete runs enter the means; failed, interrupted or unpublished runs are listed apart. Runs that
+Only complete runs enter the means; diverged runs are listed apart (with the stage, step and reason), and so
+are failed, interrupted (resumable or not), running and unreadable ones (a run whose ``run.json`` or
+``metrics.parquet`` is missing, empty or damaged: "unreadable: reason"); the rest compares normally. Runs that
 `autorecbench tune` configured carry their budget (``tuning``: "tuned (N trials)", shown beside the method) and
 never share a row with untuned ones.
 Runs are grouped by their config hash (everything except seed, device, paths and verbosity), so two
@@ -56,15 +58,35 @@ class Comparison:
     runners: list[str] = field(default_factory=list)
 
 
-def _load(records: list[RunRecord], split: str) -> pl.DataFrame:
-    """Each run's metrics of ``split`` (``auto``: the run's headline split, ``eval`` for streaming runs and
-    ``test`` for offline ones) and its cost rows, with the grouping columns from ``run.json``."""
-    frames = []
+METRICS_COLUMNS = ("run_id", "dataset", "task", "method", "seed", "split", "metric", "value")
+
+
+def _read_metrics(record: RunRecord) -> pl.DataFrame | str:
+    """A run's ``metrics.parquet``, or why it cannot be read (missing, empty, cut short, wrong columns)."""
+    try:
+        frame = pl.read_parquet(record.path / "metrics.parquet")
+    except Exception as exc:  # noqa: BLE001 - polars and pyarrow raise many kinds: any of them makes it unreadable
+        return f"metrics.parquet unreadable ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+    missing = [c for c in METRICS_COLUMNS if c not in frame.columns]
+    if missing:
+        return f"metrics.parquet lacks column(s) {', '.join(missing)}"
+    return frame
+
+
+def _load(records: list[RunRecord], split: str) -> tuple[pl.DataFrame | None, list[RunRecord]]:
+    """Each readable run's metrics of ``split`` (``auto``: the run's headline split, ``eval`` for streaming
+    runs and ``test`` for offline ones) and its cost rows, with the grouping columns from ``run.json``; and the
+    runs whose tables could not be read, as ``unreadable`` records."""
+    frames, unreadable = [], []
     for rec in records:
         info = rec.info or {}
+        frame = _read_metrics(rec)
+        if isinstance(frame, str):
+            unreadable.append(RunRecord(rec.path, "unreadable", rec.info, frame))
+            continue
         wanted = str(info.get("headline_split", "eval")) if split == "auto" else split
-        frame = pl.read_parquet(rec.path / "metrics.parquet").drop("model", strict=False)
-        frame = frame.filter(pl.col("split").is_in([wanted, "cost"])).with_columns(
+        frame = frame.select(*METRICS_COLUMNS).filter(pl.col("split").is_in([wanted, "cost"])).with_columns(
+            pl.col("seed").cast(pl.Int64), pl.col("value").cast(pl.Float64),
             pl.lit(str(info.get("runner", "streaming"))).alias("runner"),
             pl.lit(str(info.get("model", ""))).alias("model"),
             pl.lit(str(info.get("variant", ""))).alias("variant"),
@@ -73,7 +95,7 @@ def _load(records: list[RunRecord], split: str) -> pl.DataFrame:
             pl.lit(str(rec.path)).alias("path"),
         )
         frames.append(frame)
-    return pl.concat(frames, how="vertical_relaxed")
+    return (pl.concat(frames, how="vertical_relaxed") if frames else None), unreadable
 
 
 def _disambiguate(per_run: pl.DataFrame) -> pl.DataFrame:
@@ -130,9 +152,11 @@ def compare(paths: Sequence[str], baseline: str | None = None, metrics: Sequence
     records = [read_record(p) for p in folders]
     complete = [r for r in records if r.complete]
     incomplete = [r for r in records if not r.complete]
-    if not complete:
+    long, unreadable = _load(complete, split) if complete else (None, [])
+    incomplete += unreadable
+    complete = [r for r in complete if r.path not in {u.path for u in unreadable}]
+    if long is None:
         return Comparison(pl.DataFrame(), [], incomplete, baseline, 0)
-    long = _load(complete, split)
     default_metrics, costs = _default_columns(long)
     wanted = list(dict.fromkeys(metrics)) if metrics else default_metrics
     available = set(long["metric"].unique().to_list())
@@ -262,22 +286,57 @@ def display_rows(cmp: Comparison, shared: list[str]) -> tuple[list[str], list[li
     return header, cells
 
 
+APART_COLUMNS = ["status", "dataset", "task", "model", "method", "variant", "seed", "path", "error"]
+
+
+def runs_apart(cmp: Comparison) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The runs left out of the means, as rows: the diverged ones (with the stage, step and reason), and all
+    others (failed, interrupted — resumable or not —, running, unreadable: reason)."""
+    rows = []
+    for r in cmp.incomplete:
+        info = r.info or {}
+        rows.append({"status": r.label, "dataset": str(info.get("dataset", "")), "task": str(info.get("task", "")),
+                     "model": str(info.get("model", "")), "method": str(info.get("method", "")),
+                     "variant": str(info.get("variant", "")), "seed": info.get("seed"), "path": str(r.path),
+                     "error": (r.error or "").split("\n")[0][:300] if r.status != "unreadable" else ""})
+    return [r for r in rows if r["status"] == "diverged"], [r for r in rows if r["status"] != "diverged"]
+
+
+def _csv(cmp: Comparison, apart: list[dict[str, Any]]) -> str:
+    """One CSV table: a ``status`` column, each group's row (``complete``), then one row per run left out."""
+    frames = []
+    if cmp.rows.height:
+        frames.append(cmp.rows.with_columns(
+            pl.lit("complete").alias("status"),
+            pl.col("seeds").list.eval(pl.element().cast(pl.String)).list.join(" ")))
+    if apart:
+        frames.append(pl.DataFrame(apart, schema={c: pl.String for c in APART_COLUMNS}, orient="row")
+                      .rename({"seed": "seeds"}).with_columns(pl.lit(1, dtype=pl.UInt32).alias("n")))
+    if not frames:
+        return ""
+    table = pl.concat(frames, how="diagonal_relaxed")
+    first = ["status", *KEYS, "n", "seeds"]
+    return table.select(*first, pl.exclude(*first)).write_csv()
+
+
 def render(cmp: Comparison, fmt: str, console: Console) -> str | None:
-    """Rich table printed to ``console`` for ``table``; the text of the export otherwise."""
+    """Rich table printed to ``console`` for ``table``; the text of the export otherwise. Every format lists the
+    diverged runs apart from the other incomplete ones; none of them enters a mean."""
     if fmt not in FORMATS:
         raise UserError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    incomplete = [{"path": str(r.path), "status": r.status, "error": (r.error or "").splitlines()[0] if r.error else ""}
-                  for r in cmp.incomplete]
+    diverged, incomplete = runs_apart(cmp)
     if fmt == "json":
-        payload = {"runs": cmp.n_runs, "baseline": cmp.baseline, "metrics": cmp.metrics,
-                   "groups": cmp.rows.to_dicts() if cmp.rows.height else [], "incomplete": incomplete}
+        groups = [{"status": "complete", **g} for g in cmp.rows.to_dicts()] if cmp.rows.height else []
+        payload = {"runs": cmp.n_runs, "baseline": cmp.baseline, "metrics": cmp.metrics, "groups": groups,
+                   "diverged": diverged, "incomplete": incomplete}
         return json.dumps(payload, indent=2, default=str) + "\n"
     if fmt == "csv":
-        return cmp.rows.with_columns(pl.col("seeds").list.eval(pl.element().cast(pl.String)).list.join(" ")).write_csv() \
-            if cmp.rows.height else ""
+        return _csv(cmp, diverged + incomplete)
     settings = shared_settings(cmp)
     header, cells = display_rows(cmp, settings) if cmp.rows.height else ([], [])
     shared = " ".join(settings)
+    sections = [("Diverged runs (not in the means)", ["path", "status", "stage, step: reason"], diverged),
+                ("Incomplete, failed or unreadable runs (not in the means)", ["path", "status", "error"], incomplete)]
     if fmt in ("markdown", "latex"):
         from tabulate import tabulate
 
@@ -285,9 +344,10 @@ def render(cmp: Comparison, fmt: str, console: Console) -> str | None:
         text = tabulate(cells, headers=header, tablefmt=style, disable_numparse=True) + "\n" if cells else ""
         if shared and cells:
             text += f"\nEvery row: {shared}\n"
-        if incomplete:
-            text += "\n" + tabulate([list(r.values()) for r in incomplete], headers=["path", "status", "error"],
-                                    tablefmt=style, disable_numparse=True) + "\n"
+        for title, columns, rows in sections:
+            if rows:
+                text += f"\n{title}:\n\n" + tabulate([[r["path"], r["status"], r["error"]] for r in rows],
+                                                       headers=columns, tablefmt=style, disable_numparse=True) + "\n"
         return text
     if cells:
         table = Table(title=f"{cmp.n_runs} complete run(s)" + (f", baseline {cmp.baseline}" if cmp.baseline else ""),
@@ -299,13 +359,14 @@ def render(cmp: Comparison, fmt: str, console: Console) -> str | None:
         for line in cells:
             table.add_row(*line)
         console.print(table)
-    if incomplete:
-        table = Table(title="Incomplete or failed runs (not in the means)", title_style="bold yellow")
-        for h in ("path", "status", "error"):
-            table.add_column(h)
-        for r in incomplete:
-            table.add_row(r["path"], r["status"], r["error"])
-        console.print(table)
+    for title, columns, rows in sections:
+        if rows:
+            table = Table(title=title, title_style="bold yellow")
+            for h in columns:
+                table.add_column(h, overflow="fold")
+            for r in rows:
+                table.add_row(r["path"], r["status"], r["error"])
+            console.print(table)
     return None
 
 

@@ -2,8 +2,11 @@
 
 A run writes into ``<results_dir>/<run_id>.partial/`` and renames it to ``<results_dir>/<run_id>/`` once
 every file is complete, so a folder without the suffix is always a finished run. A run that fails keeps
-its ``.partial`` folder with ``run.json`` saying ``"status": "failed"`` and the error; a run killed
-outright leaves ``"status": "running"``. ``compare`` lists both apart and never averages them.
+its ``.partial`` folder with ``run.json`` saying ``"status": "failed"`` and the error (``"diverged"`` with the
+stage, step and reason when training diverged); a run killed outright leaves ``"status": "running"`` with a
+process that no longer exists: :func:`read_record` reports it as ``interrupted`` (resumable when its
+``checkpoint/`` holds a checkpoint, see ``results/checkpoint.py``). ``compare`` lists all of these apart and
+never averages them.
 
 Files of a finished run (all Parquet tables in long format; the first six columns identify the run:
 run_id, dataset, task, method, seed, model):
@@ -30,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+
+from autorecbench.results.checkpoint import alive, has_checkpoint
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -82,6 +87,14 @@ class RunFolder:
             self.run_id, self.path = candidate, partial
             return
         raise RuntimeError(f"could not reserve a run folder for {run_id} in {results_dir}")
+
+    @classmethod
+    def attach(cls, partial: Path) -> RunFolder:
+        """An existing ``<run_id>.partial`` folder (a resumed run), published under ``<run_id>`` when done."""
+        folder = cls.__new__(cls)
+        folder.results_dir, folder.path = partial.parent, partial
+        folder.run_id = partial.name.removesuffix(PARTIAL_SUFFIX)
+        return folder
 
     def write_json(self, name: str, payload: Any) -> None:
         tmp = self.path / f".{name}.tmp"
@@ -136,16 +149,29 @@ class RunFolder:
 
 @dataclass
 class RunRecord:
-    """One run folder found on disk."""
+    """One run folder found on disk. ``status``: complete | running | interrupted | failed | diverged |
+    missing-run-json | unreadable; ``resumable``: an interrupted (or failed) run with a checkpoint."""
 
     path: Path
-    status: str  # complete | failed | running | missing-run-json | unreadable
+    status: str
     info: dict[str, Any] | None
     error: str | None = None
+    resumable: bool = False
 
     @property
     def complete(self) -> bool:
         return self.status == "complete"
+
+    @property
+    def label(self) -> str:
+        """The status as ``runs`` and ``compare`` print it."""
+        if self.status == "interrupted":
+            return "interrupted — resumable" if self.resumable else "interrupted — no checkpoint"
+        if self.status == "unreadable":
+            return f"unreadable: {self.error}"
+        if self.status == "failed" and self.resumable:
+            return "failed — resumable"
+        return self.status
 
 
 def _is_run_folder(path: Path) -> bool:
@@ -175,11 +201,20 @@ def read_record(path: Path) -> RunRecord:
         return RunRecord(path, "missing-run-json", None, "no run.json: the run was interrupted before starting")
     try:
         info = json.loads(run_json.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        if not isinstance(info, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
         return RunRecord(path, "unreadable", None, f"run.json unreadable: {exc}")
     status = str(info.get("status", "unknown"))
-    if status == "complete" and path.name.endswith(PARTIAL_SUFFIX):
-        status = "running"  # finished writing but never published
+    partial = path.name.endswith(PARTIAL_SUFFIX)
+    if status in ("running", "complete") and partial:  # complete but never published: cut short at the end
+        status = "running" if alive(info) else "interrupted"
     if status == "complete" and not (path / "metrics.parquet").is_file():
         return RunRecord(path, "unreadable", info, "metrics.parquet missing")
-    return RunRecord(path, status, info, info.get("error"))
+    resumable = partial and status in ("interrupted", "failed") and (
+        has_checkpoint(path) or info.get("status") == "complete")
+    error = info.get("error")
+    if status == "diverged" and isinstance(info.get("divergence"), dict):
+        d = info["divergence"]
+        error = f"{d.get('stage')} stage, step {d.get('step')}: {d.get('reason')}"
+    return RunRecord(path, status, info, error, resumable)

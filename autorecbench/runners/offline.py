@@ -21,6 +21,7 @@ metrics at every evaluation of every stage. Choices not fixed by the papers, as 
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Callable
@@ -31,16 +32,19 @@ import torch
 from torch import nn
 
 from autorecbench.data.offline import OfflineBatch, OfflineData, SplitData, load_offline
-from autorecbench.errors import RunFailed, UserError
+from autorecbench.errors import RunDiverged, UserError
 from autorecbench.metrics import group_auc, task_metrics
 from autorecbench.methods.base import FitResult
-from autorecbench.runners.base import ProgressLike, RunOutput, Runner, register_runner
+from autorecbench.runners.base import (LifecycleConfig, NoControl, ProgressLike, RunControl, RunOutput, Runner,
+                                       register_runner)
+from autorecbench.runners.guard import DivergenceGuard, constant_loss, loss_metric
+from autorecbench.train.state import restore, rng_state, set_rng_state
 
 MONITORS = {"auc": "max", "logloss": "min", "ce": "min"}
 
 
 @dataclass
-class OfflineConfig:
+class OfflineConfig(LifecycleConfig):
     batch_size: int = 2000
     epochs: int = 100
     patience: int = 2
@@ -54,6 +58,7 @@ class OfflineConfig:
     valid_batch_size: int | None = None  # rows per loop.valid_batch() (None: batch_size)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.batch_size < 2 or self.eval_batch_size < 2:
             raise UserError("runner.batch_size and runner.eval_batch_size must be >= 2 (batch-norm needs two rows)")
         if self.epochs < 1 or self.patience < 1:
@@ -81,46 +86,101 @@ def _better(value: float, best: float | None, mode: str, min_delta: float) -> bo
     return value > best + min_delta if mode == "max" else value < best - min_delta
 
 
-class TrainLoop:
-    """The offline training machinery a runner and a method share (see ``OfflineMethod``)."""
+@dataclass
+class FitState:
+    """Where a ``fit`` call stands: the loop position, early-stopping state and the stage's accumulators (what
+    a checkpoint keeps of a stage in progress). ``epoch_rng``: the shuffle generator's state when the current
+    epoch drew its order, so a resumed epoch draws the same one and skips the ``batch`` batches done."""
 
-    def __init__(self, cfg: OfflineConfig, data: OfflineData, progress: ProgressLike | None = None) -> None:
+    epoch: int = 0
+    batch: int = 0
+    epoch_rng: torch.Tensor | None = None
+    best: float | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+    best_epoch: float | None = None
+    best_step: int | None = None
+    evaluations: int = 0
+    stale: int = 0
+    samples: int = 0
+    stopped: bool = False
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    loss_sum: float = 0.0
+    loss_steps: int = 0
+
+
+def _closure(function: Callable[..., Any]) -> Callable[..., Any] | None:
+    """A step or predict function as a checkpoint keeps it: a local function (its closure holds e.g. a search
+    model and its optimisers); None for a bound method, whose object is the method (kept on its own)."""
+    return function if inspect.isfunction(function) else None
+
+
+class TrainLoop:
+    """The offline training machinery a runner and a method share (see ``OfflineMethod``).
+
+    With a :class:`~autorecbench.runners.base.RunControl`, every ``fit`` call writes checkpoints (at the steps
+    and epoch ends it says) holding the loop (step counters, curve, finished fits, both shuffle generators and
+    the validation-batch cycle), the stage's :class:`FitState`, the divergence guard, the method's
+    ``state_dict()``, the fit's module, the closures of its step and predict functions (a search stage's local
+    model and optimisers), what the runner keeps in ``extra`` and every global RNG. On resume, the ``fit`` call
+    that wrote the checkpoint (same stage, same call number) puts all of it back in place and goes on from the
+    next step; calls before it run again from the start (deterministically, so they end where they did).
+    """
+
+    def __init__(self, cfg: OfflineConfig, data: OfflineData, progress: ProgressLike | None = None,
+                 control: RunControl | None = None, method: Any = None) -> None:
         self.cfg = cfg
         self.data = data
         self.task = data.task
         self.train, self.valid, self.test = data.train, data.valid, data.test
         self.device = data.train.device
         self.progress = progress
+        self.control = control or NoControl()
+        self.method = method
         self.generator = torch.Generator().manual_seed(int(cfg.shuffle_seed))
         self._valid_generator = torch.Generator().manual_seed(int(cfg.shuffle_seed) + 1)
         self._valid_iter: Any = iter(())
+        self._valid_cycle: tuple[torch.Tensor, int] | None = None  # generator state at the cycle's start, batches drawn
         self.stage = ""
         self.step = 0
+        self.total_steps = 0  # across stages: what runner.checkpoint_every counts
         self.history: list[dict[str, Any]] = []
         self.fits: list[FitResult] = []
+        self.extra: dict[str, Any] = {}  # the runner's own results so far (the search's), kept in checkpoints
+        self._constant: float | None = None
 
     # ------------------------------------------------------------ for methods
 
     def valid_batch(self) -> OfflineBatch:
         """The next validation batch (``valid_batch_size`` rows), cycling through seeded random orders of the
         validation split: for bi-level steps (architecture or controller weights on validation data)."""
-        size = self.cfg.valid_batch_size or self.cfg.batch_size
         for _ in range(2):
             try:
-                return next(self._valid_iter)
+                batch = next(self._valid_iter)
             except StopIteration:
-                self._valid_iter = self.valid.batches(min(size, len(self.valid)), self._valid_generator)
+                self._valid_cycle = (self._valid_generator.get_state(), 0)
+                self._valid_iter = self.valid.batches(self._valid_size(), self._valid_generator)
+                continue
+            assert self._valid_cycle is not None
+            self._valid_cycle = (self._valid_cycle[0], self._valid_cycle[1] + 1)
+            return batch
         raise RuntimeError("empty validation split")
 
+    def _valid_size(self) -> int:
+        return min(self.cfg.valid_batch_size or self.cfg.batch_size, len(self.valid))
+
     def predictions(self, predict: Callable[[OfflineBatch], torch.Tensor], split: SplitData) -> torch.Tensor:
-        """``predict`` over a whole split in order (no gradients); raises RunFailed if any is non-finite."""
+        """``predict`` over a whole split in order (no gradients); a non-finite one is a divergence."""
         shape = (len(split),) if self.task.is_binary else (len(split), self.task.n_classes)
         out = torch.empty(shape, dtype=torch.float32, device=self.device)
         with torch.no_grad():
             for start, end in split.bounds(self.cfg.eval_batch_size):
                 out[start:end] = predict(split.rows(slice(start, end)))
-        if not bool(torch.isfinite(out).all()):
-            raise RunFailed(f"non-finite predictions on the {split.name} split: the model diverged")
+        finite = torch.isfinite(out.reshape(len(split), -1)).all(dim=1)
+        if not bool(finite.all()):
+            row = int((~finite).nonzero()[0])
+            raise RunDiverged(self.stage or "test", self.step, f"non-finite prediction on the {split.name} split (row {row})")
         return out
 
     def evaluate(self, predict: Callable[[OfflineBatch], torch.Tensor], split: str) -> dict[str, float]:
@@ -134,6 +194,73 @@ class TrainLoop:
             metrics["gauc"] = float(group_auc(pred, label, users).cpu())
         return metrics
 
+    def constant_loss(self) -> float:
+        """Validation logloss (CE) of a constant prediction at the training split's label rate (class shares)."""
+        if self._constant is None:
+            self._constant = constant_loss(self.task, self.train.label, self.valid.label)
+        return self._constant
+
+    # ------------------------------------------------------------ checkpoints
+
+    def _loop_state(self) -> dict[str, Any]:
+        return {"stage": self.stage, "step": self.step, "total_steps": self.total_steps, "history": self.history,
+                "fits": [asdict(f) for f in self.fits], "generator": self.generator.get_state(),
+                "valid_generator": self._valid_generator.get_state(), "valid_cycle": self._valid_cycle,
+                "extra": self.extra}
+
+    def _load_loop_state(self, state: dict[str, Any]) -> None:
+        self.stage, self.step, self.total_steps = state["stage"], int(state["step"]), int(state["total_steps"])
+        self.history = list(state["history"])
+        self.fits = [FitResult(**f) for f in state["fits"]]
+        self.generator.set_state(state["generator"])
+        self._valid_generator.set_state(state["valid_generator"])
+        self._valid_cycle = state["valid_cycle"]
+        self._valid_iter = iter(())
+        if self._valid_cycle is not None:  # the same order again, from the next batch
+            cycle_start, drawn = self._valid_cycle
+            self._valid_generator.set_state(cycle_start)
+            self._valid_iter = self.valid.batches(self._valid_size(), self._valid_generator, skip=drawn)
+            self._valid_cycle = (cycle_start, drawn)
+        self.extra = dict(state["extra"])
+
+    def resume_point(self, stage: str) -> dict[str, Any] | None:
+        """The checkpoint's state if it was written by the ``fit`` call about to start (``stage``, and as many
+        finished fits before it), else None."""
+        resume = self.control.resume
+        if resume is None or resume.state.get("restored"):
+            return None
+        runner = resume.state["runner"]
+        if runner["fit_stage"] == stage and runner["fit_index"] == len(self.fits):
+            return resume.state
+        if len(self.fits) > runner["fit_index"]:
+            raise RuntimeError(f"the checkpoint was written in fit call {runner['fit_index']} "
+                               f"({runner['fit_stage']!r}), which this run never reached again")
+        return None
+
+    def _save(self, stage: str, fit: FitState, guard: DivergenceGuard, module: nn.Module,
+              step: Callable[..., Any], predict: Callable[..., Any], epochs: int) -> None:
+        state = {"runner": {"fit_stage": stage, "fit_index": len(self.fits), "loop": self._loop_state(),
+                            "fit": dict(vars(fit)), "guard": guard.state()},
+                 "method": self.method.state_dict() if self.method is not None else None,
+                 "module": module, "step": _closure(step), "predict": _closure(predict), "rng": rng_state()}
+        self.control.save(state, {"stage": stage, "epoch": fit.epoch, "epochs": epochs, "step": self.step,
+                                  "unit": "steps"})
+
+    def _restore(self, saved: dict[str, Any], module: nn.Module, step: Callable[..., Any],
+                 predict: Callable[..., Any]) -> FitState:
+        saved["restored"] = True
+        if self.method is not None and saved["method"] is not None:
+            self.method.load_state_dict(saved["method"])
+        # The module and the step / predict closures (a search's local model and optimisers) in one pass; the
+        # method itself, which a closure may hold, is restored already.
+        memo = {id(self.method): self.method} if self.method is not None else {}
+        restore((module, step, predict), (saved["module"], saved["step"] or step, saved["predict"] or predict), memo)
+        self._load_loop_state(saved["runner"]["loop"])
+        set_rng_state(saved["rng"])
+        return FitState(**saved["runner"]["fit"])
+
+    # ------------------------------------------------------------ training
+
     def fit(self, stage: str, step: Callable[[OfflineBatch, TrainLoop], torch.Tensor],
             predict: Callable[[OfflineBatch], torch.Tensor], module: nn.Module, *, epochs: int | None = None,
             patience: int | None = None, restore_best: bool = True) -> FitResult:
@@ -145,84 +272,109 @@ class TrainLoop:
         epochs = epochs or cfg.epochs
         patience = patience or cfg.patience
         mode = MONITORS[cfg.monitor]
-        self.stage, self.step = stage, 0
+        guard = DivergenceGuard(stage, cfg, self.device)
+        saved = self.resume_point(stage)
+        if saved is not None:
+            fit = self._restore(saved, module, step, predict)
+            guard.load(saved["runner"]["guard"])
+        else:
+            fit = FitState()
+            self.stage, self.step = stage, 0
         steps_per_epoch = len(self.train.bounds(cfg.batch_size))
-        best: float | None = None
-        best_state: dict[str, torch.Tensor] | None = None
-        best_epoch: float | None = None
-        best_step: int | None = None
-        evaluations = stale = samples = 0
-        train_seconds = eval_seconds = 0.0
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        loss_steps = 0
-        stopped = False
+        loss_sum = torch.full((), fit.loss_sum, dtype=torch.float64, device=self.device)
         if self.progress:
             self.progress.start(epochs * len(self.train))
+            self.progress.update(fit.samples)
         _sync(self.device)
-        stage_start = interval_start = time.perf_counter()
+        session_start = interval_start = time.perf_counter()
+        wall_before = fit.wall_seconds
 
-        def checkpoint() -> bool:
+        def evaluate_now() -> bool:
             """Evaluate on validation; True when patience has run out."""
-            nonlocal best, best_state, best_epoch, best_step, evaluations, stale, train_seconds, eval_seconds
-            nonlocal loss_sum, loss_steps, interval_start
+            nonlocal interval_start
             _sync(self.device)
             now = time.perf_counter()
-            train_seconds += now - interval_start
-            mean_loss = float(loss_sum.cpu()) / max(loss_steps, 1)
-            if not math.isfinite(mean_loss):
-                raise RunFailed(f"{stage} stage: the training loss became non-finite by step {self.step}")
+            fit.train_seconds += now - interval_start
+            mean_loss = float(loss_sum.cpu()) / max(fit.loss_steps, 1)
+            guard.flush()
             metrics = self.evaluate(predict, "valid")
             epoch_done = self.step / steps_per_epoch
-            row = {"stage": stage, "evaluation": evaluations, "epoch": epoch_done, "step": self.step,
-                   "samples": samples}
+            row = {"stage": stage, "evaluation": fit.evaluations, "epoch": epoch_done, "step": self.step,
+                   "samples": fit.samples}
             self.history.append({**row, "split": "train", "metric": "loss", "value": mean_loss})
             self.history += [{**row, "split": "valid", "metric": m, "value": v} for m, v in metrics.items()]
-            evaluations += 1
+            fit.evaluations += 1
+            metric = loss_metric(self.task)
+            guard.evaluation(self.step, "valid split", metric, metrics[metric], self.constant_loss())
             value = metrics.get(cfg.monitor, math.nan)
-            if _better(value, best, mode, cfg.min_delta):
-                best, best_epoch, best_step, stale = value, epoch_done, self.step, 0
+            if _better(value, fit.best, mode, cfg.min_delta):
+                fit.best, fit.best_epoch, fit.best_step, fit.stale = value, epoch_done, self.step, 0
                 if restore_best:
-                    best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+                    fit.best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
             else:
-                stale += 1
+                fit.stale += 1
             loss_sum.zero_()
-            loss_steps = 0
+            fit.loss_steps = 0
             _sync(self.device)
             interval_start = time.perf_counter()
-            eval_seconds += interval_start - now
-            return stale >= patience
+            fit.eval_seconds += interval_start - now
+            return fit.stale >= patience
+
+        def save() -> None:
+            nonlocal interval_start
+            fit.loss_sum = float(loss_sum.cpu())
+            fit.wall_seconds = wall_before + time.perf_counter() - session_start
+            _sync(self.device)
+            now = time.perf_counter()
+            fit.train_seconds += now - interval_start
+            self._save(stage, fit, guard, module, step, predict, epochs)
+            interval_start = time.perf_counter()  # the checkpoint's own time counts as neither
 
         try:
-            for _ in range(epochs):
-                for batch in self.train.batches(cfg.batch_size, self.generator):
+            while not fit.stopped and fit.epoch < epochs:
+                if fit.batch == 0:
+                    fit.epoch_rng = self.generator.get_state()
+                else:  # a resumed epoch: draw the same order, skip what was done
+                    assert fit.epoch_rng is not None
+                    self.generator.set_state(fit.epoch_rng)
+                for batch in self.train.batches(cfg.batch_size, self.generator, skip=fit.batch):
                     loss = step(batch, self)
+                    fit.batch += 1
                     self.step += 1
-                    samples += len(batch)
+                    self.total_steps += 1
+                    fit.samples += len(batch)
                     loss_sum += loss.detach().to(torch.float64)
-                    loss_steps += 1
+                    fit.loss_steps += 1
+                    guard.observe(self.step, loss)
                     if self.progress:
-                        self.progress.update(samples)
-                    if cfg.eval_every and self.step % cfg.eval_every == 0 and checkpoint():
-                        stopped = True
+                        self.progress.update(fit.samples)
+                    if cfg.eval_every and self.step % cfg.eval_every == 0 and evaluate_now():
+                        fit.stopped = True
                         break
-                if stopped:
+                    if self.control.tick(self.total_steps):
+                        save()
+                if fit.stopped:
                     break
-                if not cfg.eval_every and checkpoint():
-                    stopped = True
+                fit.epoch, fit.batch = fit.epoch + 1, 0
+                if not cfg.eval_every and evaluate_now():
+                    fit.stopped = True
                     break
-            if loss_steps:  # steps after the last evaluation (eval_every not dividing the epochs)
-                checkpoint()
+                if self.control.tick(self.total_steps, epoch_end=True):
+                    save()
+            if fit.loss_steps:  # steps after the last evaluation (eval_every not dividing the epochs)
+                evaluate_now()
+            guard.flush()
         finally:
             if self.progress:
                 self.progress.stop()
-        if best_state is not None:  # only kept with restore_best
-            module.load_state_dict(best_state)
+        if fit.best_state is not None:  # only kept with restore_best
+            module.load_state_dict(fit.best_state)
         _sync(self.device)
         result = FitResult(
-            stage=stage, monitor=cfg.monitor, best_value=best, best_epoch=best_epoch, best_step=best_step,
-            epochs_run=self.step / steps_per_epoch, steps=self.step, samples=samples, evaluations=evaluations,
-            stopped_early=stopped, train_seconds=train_seconds, eval_seconds=eval_seconds,
-            wall_seconds=time.perf_counter() - stage_start,
+            stage=stage, monitor=cfg.monitor, best_value=fit.best, best_epoch=fit.best_epoch,
+            best_step=fit.best_step, epochs_run=self.step / steps_per_epoch, steps=self.step, samples=fit.samples,
+            evaluations=fit.evaluations, stopped_early=fit.stopped, train_seconds=fit.train_seconds,
+            eval_seconds=fit.eval_seconds, wall_seconds=wall_before + time.perf_counter() - session_start,
         )
         self.fits.append(result)
         return result
@@ -252,19 +404,31 @@ class OfflineProtocol(Runner):
         return load_offline(prepared, task, device, data_cfg, max_rows=self.cfg.max_rows,
                             placement=self.cfg.data_on_device)
 
-    def run(self, method: Any, data: OfflineData) -> RunOutput:
-        loop = TrainLoop(self.cfg, data, self.progress)
+    def run(self, method: Any, data: OfflineData, control: RunControl | None = None) -> RunOutput:
+        loop = TrainLoop(self.cfg, data, self.progress, control, method)
         device = loop.device
-        _sync(device)
-        started = time.perf_counter()
-        architecture = method.search(loop)
-        _sync(device)
-        search_seconds = time.perf_counter() - started
-        search_fits = list(loop.fits)
+        resume = loop.control.resume
+        searched = resume.state["runner"]["loop"]["extra"].get("search") if resume is not None else None
+        if searched is not None:
+            # The checkpoint is past the search: take its result, and what it left on the method before build().
+            method.load_state_dict(resume.state["method"])  # type: ignore[union-attr]
+            loop.fits = [FitResult(**f) for f in searched["fits"]]
+        else:
+            _sync(device)
+            started = time.perf_counter()
+            architecture = method.search(loop)
+            _sync(device)
+            searched = {"architecture": architecture, "seconds": time.perf_counter() - started,
+                        "fits": [asdict(f) for f in loop.fits]}
+            loop.extra["search"] = searched
+        architecture, search_seconds = searched["architecture"], float(searched["seconds"])
 
         method.build(architecture)
         fit = loop.fit("fit", method.train_step, method.predict, method.module())
+        if resume is not None and not resume.state.get("restored"):
+            raise RuntimeError("the checkpoint matched none of this run's fit stages")
 
+        loop.stage = "test"
         started = time.perf_counter()
         test = loop.evaluate(method.predict, "test")
         test_seconds = time.perf_counter() - started
@@ -294,7 +458,7 @@ class OfflineProtocol(Runner):
                 "offline": {
                     **asdict(self.cfg),
                     "searched": architecture is not None,
-                    "search": {"seconds": search_seconds, "fits": [asdict(f) for f in search_fits]},
+                    "search": {"seconds": search_seconds, "fits": searched["fits"]},
                     "fit": {**asdict(fit), "samples_per_second": fit.samples_per_second},
                     "test_seconds": test_seconds,
                 },

@@ -5,6 +5,12 @@ evaluation), then learns from the same batch. There is no train/test split: metr
 evaluation window at the end of the stream, during which the model keeps learning (the paper uses the
 last 5 million transactions). Streams shorter than 4 x ``eval_last`` use the last ``eval_fraction`` of
 rows instead; the rule used is recorded with the results.
+
+A checkpoint (``runner.checkpoint_every`` batches, ``runner.checkpoint_seconds``) holds the position (batches
+done), the history's frequency counters and last batch, the divergence guard, the seconds streamed so far, the
+method's ``state_dict()`` and every global RNG; the predictions so far are appended to an append-only array
+beside it (one copy of each row, however many checkpoints). A resumed run continues from the next batch and
+ends with the same numbers as one that was never stopped.
 """
 
 from __future__ import annotations
@@ -18,14 +24,18 @@ from typing import Any, Protocol
 import torch
 
 from autorecbench.data.stream import Stream, StreamBatch, StreamHistory
-from autorecbench.errors import RunFailed, UserError
+from autorecbench.errors import UserError
 from autorecbench.methods.base import StreamingMethod
 from autorecbench.metrics import bucket_bounds, bucket_label, frequency_bucket, task_metrics
-from autorecbench.runners.base import RunOutput, Runner, register_runner
+from autorecbench.runners.base import LifecycleConfig, NoControl, RunControl, RunOutput, Runner, register_runner
+from autorecbench.runners.guard import DivergenceGuard, constant_loss, evaluation_loss, loss_metric
+from autorecbench.train.state import rng_state, set_rng_state
+
+STAGE = "stream"
 
 
 @dataclass
-class StreamingConfig:
+class StreamingConfig(LifecycleConfig):
     batch_size: int = 500
     eval_last: int = 5_000_000
     eval_fraction: float = 0.2
@@ -35,6 +45,7 @@ class StreamingConfig:
     curve_window: int = 20
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.batch_size < 2:
             raise UserError("runner.batch_size must be >= 2 (batch-norm needs two rows)")
         if self.order not in ("time", "random"):
@@ -116,7 +127,8 @@ class StreamingRunner:
         self.progress = progress
         self.hook = hook
 
-    def run(self, method: StreamingMethod, stream: Stream) -> StreamingResult:
+    def run(self, method: StreamingMethod, stream: Stream, control: RunControl | None = None) -> StreamingResult:
+        control = control or NoControl()
         n = len(stream)
         bounds = stream.batch_bounds(self.cfg.batch_size)
         device = stream.user.device
@@ -124,12 +136,18 @@ class StreamingRunner:
         predictions = torch.empty(shape, dtype=torch.float32, device=device)
         window = evaluation_window(n, self.cfg.eval_last, self.cfg.eval_fraction)
         history = StreamHistory(stream, eval_start=window.start)
+        guard = DivergenceGuard(STAGE, self.cfg, device)
+        first, written, seconds_before = 0, 0, 0.0
+        if control.resume is not None:
+            first, written, seconds_before = self._resume(control, method, history, guard, predictions)
         if self.progress:
             self.progress.start(n)
+            self.progress.update(written)
         _sync(device)
         started = time.perf_counter()
         try:
-            for index, (start, end) in enumerate(bounds):
+            for index in range(first, len(bounds)):
+                start, end = bounds[index]
                 batch = stream.rows(slice(start, end), index)
                 predicted, loss = method.predict_and_learn(batch, history)  # test, then train
                 predictions[start:end] = predicted
@@ -137,16 +155,26 @@ class StreamingRunner:
                     self.hook("predicted", batch, predicted)
                     self.hook("learned", batch, loss)
                 history.advance(batch)
+                guard.observe(index + 1, loss, predicted)
+                if (index + 1) % self.cfg.curve_window == 0 or index + 1 == len(bounds):
+                    self._check_window(guard, stream, predictions, bounds, index)
                 if self.progress:
                     self.progress.update(end)
+                if control.tick(index + 1):
+                    guard.flush()  # a checkpoint never holds a diverged state
+                    state = {"runner": {"batches": index + 1, "history": history.state(), "guard": guard.state(),
+                                        "seconds": seconds_before + time.perf_counter() - started},
+                             "method": method.state_dict(), "rng": rng_state()}
+                    control.save(state, {"stage": STAGE, "done": index + 1, "total": len(bounds), "unit": "batches"},
+                                 {"predictions": predictions[written:end]})
+                    written = end
+            guard.flush()
             _sync(device)
         finally:
             if self.progress:
                 self.progress.stop()
-        elapsed = time.perf_counter() - started
-        if not bool(torch.isfinite(predictions).all()):
-            first = int((~torch.isfinite(predictions.reshape(n, -1)).all(dim=1)).nonzero()[0])
-            raise RunFailed(f"non-finite prediction at stream row {first}: the model diverged")
+        elapsed = seconds_before + time.perf_counter() - started
+        guard.predictions(len(bounds), predictions)
         return StreamingResult(
             metrics=self._metrics(stream, predictions, window),
             curve=self._curve(stream, predictions, bounds),
@@ -156,6 +184,35 @@ class StreamingRunner:
             n_batches=len(bounds),
             stream_seconds=elapsed,
         )
+
+    @staticmethod
+    def _resume(control: RunControl, method: StreamingMethod, history: StreamHistory, guard: DivergenceGuard,
+                predictions: torch.Tensor) -> tuple[int, int, float]:
+        """Put the checkpoint back; returns the next batch, the rows predicted so far and the seconds streamed."""
+        assert control.resume is not None
+        saved = control.resume.state
+        runner = saved["runner"]
+        method.load_state_dict(saved["method"])
+        history.load(runner["history"])
+        guard.load(runner["guard"])
+        done = control.resume.appended("predictions")
+        predictions[: len(done)] = torch.from_numpy(done).to(predictions.device)
+        set_rng_state(saved["rng"])
+        return int(runner["batches"]), len(done), float(runner["seconds"])
+
+    def _check_window(self, guard: DivergenceGuard, stream: Stream, predictions: torch.Tensor,
+                      bounds: list[tuple[int, int]], index: int) -> None:
+        """The guard's evaluation rule over the curve window ending with batch ``index``: a logloss (CE) worse
+        than the window's constant label rate by more than the margin."""
+        if guard.margin is None:
+            return
+        guard.flush()  # non-finite predictions are reported at their own batch first
+        first = index - (index % self.cfg.curve_window)
+        start, end = bounds[first][0], bounds[index][1]
+        label = stream.label[start:end]
+        value = evaluation_loss(stream.task, predictions[start:end], label)
+        guard.evaluation(index + 1, f"stream rows {start}-{end}", loss_metric(stream.task), value,
+                         constant_loss(stream.task, label, label))
 
     @staticmethod
     def _metrics(stream: Stream, predictions: torch.Tensor, window: EvalWindow) -> list[dict[str, Any]]:
@@ -227,8 +284,8 @@ class StreamingProtocol(Runner):
         return load_stream(prepared, task, device, order=self.cfg.order, order_seed=self.cfg.order_seed,
                            max_rows=self.cfg.max_rows)
 
-    def run(self, method: Any, data: Stream) -> RunOutput:
-        result = StreamingRunner(self.cfg, self.progress, self.hook).run(method, data)
+    def run(self, method: Any, data: Stream, control: RunControl | None = None) -> RunOutput:
+        result = StreamingRunner(self.cfg, self.progress, self.hook).run(method, data, control)
         summary = result.summary()
         return RunOutput(
             metrics=result.metrics,
