@@ -30,6 +30,7 @@ from autorecbench.methods.base import MethodContext, method_class
 from autorecbench.results.run_folder import RunFolder, make_run_id
 from autorecbench.results.tracking import log_finished_run
 from autorecbench.runners.streaming import BatchHook, Progress
+from autorecbench.train.distributed import current
 
 log = logging.getLogger("autorecbench")
 
@@ -71,12 +72,14 @@ def execute(
     progress: Progress | None = None,
     hook: BatchHook | None = None,
     on_folder: Callable[[Path], None] | None = None,
-) -> Path:
-    """Run the configured pair and return the finished run folder."""
+) -> Path | None:
+    """Run the configured pair and return the finished run folder (None on a torchrun process other than
+    rank 0: it trains its shard, rank 0 evaluates and writes the one folder)."""
     started_wall = dt.datetime.now()
     t0 = time.perf_counter()
     task = TaskSpec.from_name(str(cfg.task))
-    device = resolve_device(str(cfg.device))
+    dist = current()
+    device = dist.device(resolve_device(str(cfg.device)))
     seed = int(cfg.seed)
     runner_cls = configured_runner(cfg)
     runner_cfg = runner_config(cfg)
@@ -87,9 +90,13 @@ def execute(
     prepared = prepare(data_cfg)  # UserError here: nothing written yet
     schema = prepared.schema
     seed_everything(seed, bool(cfg.deterministic))
-    runner = runner_cls(runner_cfg, progress, hook)
+    dist.seed_streams(seed, device)
+    runner = runner_cls(runner_cfg, progress if dist.is_main else None, hook)
     data = runner.load(prepared, task, device, data_cfg)
     method = method_cls(MethodContext(schema, task, cfg.method, cfg.model, device, seed))
+    if not dist.is_main:
+        runner.run(method, data)
+        return None
 
     model = str(cfg.model.name)
     run_id = make_run_id(started_wall, schema.dataset, task.name, method_cls.name, seed,
@@ -107,8 +114,10 @@ def execute(
         "headline_split": runner_cls.headline_split,
         "device": str(device),
         "overrides": list(overrides),
-        "variant": variant_label(list(overrides)),
-        "config_hash": config_hash(cfg),
+        "variant": variant_label(list(overrides), dist.world_size),
+        "config_hash": config_hash(cfg, dist.world_size),
+        "world_size": dist.world_size,  # processes of a data-parallel run (torchrun), 1 otherwise
+        "data_parallel": dist.info() if dist.active else None,
         # `autorecbench tune`'s final runs: the budget and validation metric that chose their settings.
         "tuning": OmegaConf.to_container(cfg.tuning, resolve=True) if cfg.get("tuning") is not None else None,
         "command": sys.argv,

@@ -128,15 +128,19 @@ tune.register(app)
 @app.command()
 def methods() -> None:
     """List the registered methods: the protocol each runs under, how faithful it is to its paper and official
-    code (faithful / faithful, deviations documented / not faithful) and a one-line summary of the deviations."""
+    code (faithful / faithful, deviations documented / not faithful), a one-line summary of the deviations, and
+    whether it trains data-parallel under torchrun."""
     from rich.table import Table
 
     from autorecbench.config import group_options
     from autorecbench.methods.base import all_methods
+    from autorecbench.runners.base import RUNNERS, runner_class
 
+    runner_class("offline")  # imports every runner module
+    protocol_refusals = {r.protocol: r.data_parallel_refusal for r in RUNNERS.values()}
     table = Table(title="Registered methods")
     for column in ("name", "protocol", "fidelity", "deviations (config switches in the docstring)", "description",
-                   "paper", "package"):
+                   "paper", "data-parallel (torchrun)", "package"):
         table.add_column(column, overflow="fold")
     configured = group_options("method")
     for name, by_protocol in sorted(all_methods().items()):
@@ -145,8 +149,9 @@ def methods() -> None:
             if name not in configured:
                 fidelity += " (no conf/method YAML)"
             # Plugins (entry point autorecbench.methods) show the package they come from.
+            refusal = protocol_refusals.get(protocol) or cls.data_parallel_refusal
             table.add_row(name, protocol, fidelity, cls.deviations or "–", cls.description, cls.paper,
-                          cls.__module__.split(".")[0])
+                          f"no: {refusal}" if refusal else "yes", cls.__module__.split(".")[0])
     out_console.print(table)
 
 

@@ -153,6 +153,10 @@ class GlobalWeights(nn.Module):
 
 @register_method
 class AutoLoss(BackboneMethod):
+    """See the module docstring. Data-parallel (torchrun): the DRS trains through DDP; the controller step
+    averages V's gradients and batch-norm statistics across processes (each holds its share of the validation
+    batch), so every process keeps the same V."""
+
     name = "autoloss"
     description = "Per-example loss-function search with a controller and Gumbel-softmax; fixed-loss, DARTS, AL-1, AL-2 baselines"
     paper = "Zhao et al., KDD 2021 (AutoLoss), §2.3-2.5, Algorithm 1"
@@ -220,8 +224,11 @@ class AutoLoss(BackboneMethod):
 
     # ------------------------------------------------------------ Algorithm 1
 
-    def _controller_step(self, batch: OfflineBatch, step: int) -> None:
-        """Lines 2-4 with ξ = 0: one Adam step of V on Eq. 11 over a validation batch, the DRS fixed."""
+    def _controller_step(self, batch: OfflineBatch, step: int, loop: OfflineLoop) -> None:
+        """Lines 2-4 with ξ = 0: one Adam step of V on Eq. 11 over a validation batch, the DRS fixed. Under
+        torchrun each process holds its share of the batch: V's gradients and batch-norm statistics are averaged
+        across processes before the step, so every process keeps the same V (the history row describes rank
+        0's share)."""
         assert self.weigher is not None and self.weigher_optimizer is not None
         device = self.ctx.device
         if device.type == "cuda":
@@ -239,6 +246,7 @@ class AutoLoss(BackboneMethod):
         loss = self._weighted_loss(logits, batch.label, p)
         self.weigher_optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        loop.average([*(p.grad for p in self.weigher.parameters()), *self.weigher.buffers()])
         self.weigher_optimizer.step()
         self.controller_steps += 1
         with torch.no_grad():
@@ -258,8 +266,8 @@ class AutoLoss(BackboneMethod):
         DRS on the training batch (lines 5-6)."""
         step = loop.step
         if self.learns_weights and step % self.cfg.update_every == 0:
-            self._controller_step(loop.valid_batch(), step)
-        model, optimizer = self.module(), self.optimizer
+            self._controller_step(loop.valid_batch(), step, loop)
+        model, optimizer = self.training_module(loop), self.optimizer
         assert optimizer is not None
         model.train()
         logits = model(batch.x)

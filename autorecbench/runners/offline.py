@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -35,6 +35,7 @@ from autorecbench.errors import RunFailed, UserError
 from autorecbench.metrics import group_auc, task_metrics
 from autorecbench.methods.base import FitResult
 from autorecbench.runners.base import ProgressLike, RunOutput, Runner, register_runner
+from autorecbench.train.distributed import Distributed, current
 
 MONITORS = {"auc": "max", "logloss": "min", "ce": "min"}
 
@@ -98,6 +99,8 @@ class TrainLoop:
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.fits: list[FitResult] = []
+        # Under torchrun: this process's shard, its share of each batch, rank 0 evaluating (identity alone).
+        self.dist: Distributed = current()
 
     # ------------------------------------------------------------ for methods
 
@@ -107,7 +110,8 @@ class TrainLoop:
         size = self.cfg.valid_batch_size or self.cfg.batch_size
         for _ in range(2):
             try:
-                return next(self._valid_iter)
+                batch = next(self._valid_iter)
+                return OfflineBatch(self.dist.share(batch.x), self.dist.share(batch.label))
             except StopIteration:
                 self._valid_iter = self.valid.batches(min(size, len(self.valid)), self._valid_generator)
         raise RuntimeError("empty validation split")
@@ -123,8 +127,20 @@ class TrainLoop:
             raise RunFailed(f"non-finite predictions on the {split.name} split: the model diverged")
         return out
 
+    def parallel(self, module: nn.Module) -> nn.Module:
+        """``module`` for training forward passes: DistributedDataParallel under torchrun, else itself."""
+        return self.dist.parallel(module)
+
+    def average(self, tensors: Iterable[torch.Tensor | None]) -> None:
+        """Average ``tensors`` across torchrun's processes in place (nothing in one process)."""
+        self.dist.average(tensors)
+
     def evaluate(self, predict: Callable[[OfflineBatch], torch.Tensor], split: str) -> dict[str, float]:
-        """The task's metrics on ``split`` (train, valid or test), plus gAUC when there is a user field."""
+        """The task's metrics on ``split`` (train, valid or test), plus gAUC when there is a user field
+        (under torchrun: computed by rank 0, handed to every process)."""
+        return self.dist.from_main(lambda: self._evaluate(predict, split))
+
+    def _evaluate(self, predict: Callable[[OfflineBatch], torch.Tensor], split: str) -> dict[str, float]:
         data = self.data.split(split)
         pred = self.predictions(predict, data)
         label = data.label.to(pred.device)  # pinned on the CPU when the split is not device-resident
@@ -146,7 +162,9 @@ class TrainLoop:
         patience = patience or cfg.patience
         mode = MONITORS[cfg.monitor]
         self.stage, self.step = stage, 0
-        steps_per_epoch = len(self.train.bounds(cfg.batch_size))
+        batch_size, world = self.dist.batch_size(cfg.batch_size), self.dist.world_size
+        step = self.dist.own_stream(step)  # per-process dropout / Gumbel draws under torchrun
+        steps_per_epoch = len(self.train.bounds(batch_size))
         best: float | None = None
         best_state: dict[str, torch.Tensor] | None = None
         best_epoch: float | None = None
@@ -157,7 +175,7 @@ class TrainLoop:
         loss_steps = 0
         stopped = False
         if self.progress:
-            self.progress.start(epochs * len(self.train))
+            self.progress.start(epochs * len(self.train) * world)
         _sync(self.device)
         stage_start = interval_start = time.perf_counter()
 
@@ -168,7 +186,7 @@ class TrainLoop:
             _sync(self.device)
             now = time.perf_counter()
             train_seconds += now - interval_start
-            mean_loss = float(loss_sum.cpu()) / max(loss_steps, 1)
+            mean_loss = float(self.dist.mean(loss_sum).cpu()) / max(loss_steps, 1)
             if not math.isfinite(mean_loss):
                 raise RunFailed(f"{stage} stage: the training loss became non-finite by step {self.step}")
             metrics = self.evaluate(predict, "valid")
@@ -194,10 +212,10 @@ class TrainLoop:
 
         try:
             for _ in range(epochs):
-                for batch in self.train.batches(cfg.batch_size, self.generator):
+                for batch in self.train.batches(batch_size, self.generator):
                     loss = step(batch, self)
                     self.step += 1
-                    samples += len(batch)
+                    samples += len(batch) * world  # every process's rows
                     loss_sum += loss.detach().to(torch.float64)
                     loss_steps += 1
                     if self.progress:
@@ -242,6 +260,7 @@ class OfflineProtocol(Runner):
     config_class = OfflineConfig
     headline_split = "test"
     names_model = True
+    data_parallel_refusal = None  # torchrun: sharded training rows, DDP, rank 0 evaluates (train/distributed.py)
 
     @classmethod
     def check_data(cls, data_cfg: Any, task: Any) -> None:
@@ -249,8 +268,9 @@ class OfflineProtocol(Runner):
             raise UserError(f"dataset {data_cfg.name!r} has 0/1 click labels: use task=binary")
 
     def load(self, prepared: Any, task: Any, device: torch.device, data_cfg: Any) -> OfflineData:
+        dist = current()
         return load_offline(prepared, task, device, data_cfg, max_rows=self.cfg.max_rows,
-                            placement=self.cfg.data_on_device)
+                            placement=self.cfg.data_on_device, process=(dist.rank, dist.world_size))
 
     def run(self, method: Any, data: OfflineData) -> RunOutput:
         loop = TrainLoop(self.cfg, data, self.progress)
@@ -264,6 +284,7 @@ class OfflineProtocol(Runner):
 
         method.build(architecture)
         fit = loop.fit("fit", method.train_step, method.predict, method.module())
+        in_step = loop.dist.in_step(method.module())  # torchrun: every process ended with rank 0's weights
 
         started = time.perf_counter()
         test = loop.evaluate(method.predict, "test")
@@ -279,8 +300,9 @@ class OfflineProtocol(Runner):
             "eval_seconds": fit.eval_seconds,
             "train_samples_per_second": fit.samples_per_second,
         }
-        if on_gpu:  # one GPU per run: GPU-seconds are its wall seconds
-            cost.update(search_gpu_seconds=search_seconds, train_gpu_seconds=fit.wall_seconds)
+        if on_gpu:  # one GPU per process: GPU-seconds are wall seconds times the processes
+            gpus = loop.dist.world_size
+            cost.update(search_gpu_seconds=search_seconds * gpus, train_gpu_seconds=fit.wall_seconds * gpus)
         training = {"best_epoch": fit.best_epoch, "best_step": fit.best_step, "epochs": fit.epochs_run,
                     "steps": fit.steps, "stopped_early": float(fit.stopped_early)}
         metrics = (_metric_rows("test", test, len(data.test)) + _metric_rows("valid", valid, len(data.valid))
@@ -299,6 +321,7 @@ class OfflineProtocol(Runner):
                     "test_seconds": test_seconds,
                 },
                 "split": data.split_info,
+                **({"data_parallel_weights_in_step": in_step} if loop.dist.active else {}),
                 "searched_architecture": architecture,
             },
             headline=test,
