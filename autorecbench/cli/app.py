@@ -53,7 +53,10 @@ def _root(
     epilog="Examples:\n\n"
     "* `autorecbench run` (FIXED on ml-100k, streaming, binary)\n\n"
     "* `autorecbench run method=fixed data=ml-latest-small task=multiclass seed=3 method.embedding_dim=64`\n\n"
-    "* `autorecbench run -m seed=0,1,2` (one run per seed; add `hydra/launcher=joblib` to run them in parallel)",
+    "* `autorecbench run -m seed=0,1,2` (one run per seed; add `hydra/launcher=joblib` to run them in parallel)\n\n"
+    "* `autorecbench run -m seed=0,1,2 experiment=slurm hydra.launcher.partition=gpu` (one SLURM job per run; "
+    "also `hydra/launcher=submitit_local`, `hydra/launcher=ray`)\n\n"
+    "* `torchrun --nproc_per_node=4 -m autorecbench run data=criteo model=deepfm` (one data-parallel run on 4 GPUs)",
 )
 def run(
     overrides: Annotated[Optional[list[str]], typer.Argument(
