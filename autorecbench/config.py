@@ -33,6 +33,10 @@ IDENTITY_OVERRIDES = ("seed", "data", "method", "task", "device", "quiet", "mode
 # Overrides (by key prefix) that are not part of a run's variant label: where things go, the tracker, and the
 # tuning budget (`compare` shows it beside the method as "tuned (N trials)").
 UNLABELLED_PREFIXES = ("paths.", "hydra", "experiment", "logger", "tuning")
+# Hydra launchers that come with an extra of this package (pyproject.toml): launcher -> (plugin, extra).
+LAUNCHER_EXTRAS = {"submitit_slurm": ("hydra-submitit-launcher", "slurm"),
+                   "submitit_local": ("hydra-submitit-launcher", "slurm"),
+                   "ray": ("hydra-ray-launcher", "ray"), "ray_aws": ("hydra-ray-launcher", "ray")}
 
 
 def config_dir() -> Path:
@@ -71,8 +75,18 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def compose(overrides: list[str] | None = None) -> DictConfig:
-    """The composed config for one combination of overrides (no sweep syntax)."""
+def _missing_launcher(message: str) -> str | None:
+    """What to install when Hydra could not find a launcher of :data:`LAUNCHER_EXTRAS`."""
+    for name, (plugin, extra) in LAUNCHER_EXTRAS.items():
+        if f"hydra/launcher/{name}'" in message:
+            return (f"hydra/launcher={name} needs {plugin}: pip install 'autorecbench[{extra}]' "
+                    "(`make setup` installs it)")
+    return None
+
+
+def compose(overrides: list[str] | None = None, with_hydra: bool = False) -> DictConfig:
+    """The composed config for one combination of overrides (no sweep syntax); ``with_hydra`` keeps the
+    ``hydra`` node (launcher, sweeper, chosen options)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
@@ -80,9 +94,10 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
 
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            cfg = hydra_compose(config_name=CONFIG_NAME, overrides=[*(overrides or []), *searchpath_overrides()])
+            cfg = hydra_compose(config_name=CONFIG_NAME, overrides=[*(overrides or []), *searchpath_overrides()],
+                                return_hydra_config=with_hydra)
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
-        raise UserError(f"bad config override: {_first_line(exc)}") from None
+        raise UserError(_missing_launcher(str(exc)) or f"bad config override: {_first_line(exc)}") from None
     return cfg
 
 
@@ -155,8 +170,9 @@ def configured_runner(cfg: DictConfig) -> Any:
     return runner_class(str(cfg.runner.get("name", "streaming")))
 
 
-def validate(cfg: DictConfig) -> None:
-    """Static checks of a composed config, before any data is read or folder created."""
+def validate(cfg: DictConfig, here: bool = True) -> None:
+    """Static checks of a composed config, before any data is read or folder created. ``here=False``: the run
+    will execute on another machine (a SLURM or Ray launcher), so whether this one has CUDA is not checked."""
     from autorecbench.data.cache import DatasetConfig
     from autorecbench.data.schema import TaskSpec
     from autorecbench.methods.base import method_class
@@ -181,14 +197,37 @@ def validate(cfg: DictConfig) -> None:
     except (ValueError, TypeError) as exc:  # e.g. a word where a number belongs
         raise UserError(f"bad method/model option: {exc}") from None
     runner.check_data(DatasetConfig.from_mapping(cfg.data), task)
-    resolve_device(str(cfg.device))
+    resolve_device(str(cfg.device), check_available=here)
     runner_config(cfg)
     from autorecbench.results.tracking import check_logger
+    from autorecbench.train.distributed import world_size_from_env
 
     check_logger(cfg.get("logger"))
+    if world_size_from_env() > 1:
+        check_data_parallel(cfg, world_size_from_env())
 
 
-def resolve_device(name: str) -> Any:
+def check_data_parallel(cfg: DictConfig, world_size: int) -> None:
+    """Refuse, before anything is read or started, a run that cannot train data-parallel over ``world_size``
+    torchrun processes: one line naming the reason."""
+    from autorecbench.methods.base import method_class
+    from autorecbench.train.distributed import backend_for
+
+    runner = configured_runner(cfg)
+    if runner.data_parallel_refusal:
+        raise UserError(f"runner={runner.name} cannot run data-parallel (torchrun): {runner.data_parallel_refusal}")
+    backend = backend_for(resolve_device(str(cfg.device)).type)
+    method_class(str(cfg.method.name), runner.protocol).check_data_parallel(cfg.method, backend)
+    for key in ("batch_size", "valid_batch_size"):
+        value = cfg.runner.get(key)
+        if value is not None and (int(value) % world_size or int(value) // world_size < 2):
+            raise UserError(f"runner.{key}={value} must split into {world_size} equal parts of at least 2 rows "
+                            f"(one per torchrun process)")
+
+
+def resolve_device(name: str, check_available: bool = True) -> Any:
+    """``device=`` as a torch device (``auto``: CUDA when available); ``check_available``: refuse CUDA on a
+    machine without it."""
     import torch
 
     if name == "auto":
@@ -197,22 +236,25 @@ def resolve_device(name: str) -> Any:
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type == "cuda" and check_available and not torch.cuda.is_available():
         raise UserError(f"device={name} but CUDA is not available on this machine (use device=cpu or auto)")
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"unsupported device {name!r}: use auto, cpu, cuda or cuda:N")
     return device
 
 
-def config_hash(cfg: DictConfig) -> str:
+def config_hash(cfg: DictConfig, world_size: int = 1) -> str:
     """Identity of what a run computes: the unresolved config without seed, device, paths, verbosity or the
-    operational keys (checkpoints, divergence guard, chunk size).
+    operational keys (checkpoints, divergence guard, chunk size), and the processes of a data-parallel run
+    (``world_size`` > 1: sharded training, per-process batch-norm).
 
     Unresolved, so that interpolations of the seed (``runner.order_seed: ${seed}``) do not split seeds of
     one experiment into different groups.
     """
     container = OmegaConf.to_container(cfg, resolve=False)
     assert isinstance(container, dict)
+    if world_size > 1:
+        container["world_size"] = world_size
     for key in NON_SEMANTIC_KEYS:
         container.pop(key, None)
     for dotted in (*LOCATION_KEYS, *OPERATIONAL_KEYS):
@@ -222,9 +264,10 @@ def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def variant_label(overrides: list[str]) -> str:
-    """The overrides that distinguish a run beyond dataset, task, method and seed, e.g. ``method.embedding_dim=64``."""
-    kept = []
+def variant_label(overrides: list[str], world_size: int = 1) -> str:
+    """The overrides that distinguish a run beyond dataset, task, method and seed, e.g. ``method.embedding_dim=64``
+    (and ``world_size=N`` for a data-parallel run of N processes)."""
+    kept = [f"world_size={world_size}"] if world_size > 1 else []
     for item in overrides:
         key = item.split("=", 1)[0].lstrip("+~")
         if (key in IDENTITY_OVERRIDES or key in LOCATION_KEYS or key in OPERATIONAL_KEYS

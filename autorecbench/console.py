@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import time
@@ -36,9 +37,16 @@ out_console = _console(stderr=False)
 log = logging.getLogger("autorecbench")
 
 
+def secondary_process() -> bool:
+    """A torchrun process other than rank 0: it trains its shard and reports nothing (rank 0 reports)."""
+    return os.environ.get("RANK", "0") != "0" and os.environ.get("WORLD_SIZE", "1") != "1"
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     if log.handlers:
         return
+    if secondary_process():
+        level = max(level, logging.WARNING)
     handler: logging.Handler
     if err_console.is_terminal:
         handler = RichHandler(console=err_console, show_path=False, show_time=True, markup=False)
@@ -138,7 +146,8 @@ def run_app(app: Callable[[], object]) -> None:
     try:
         app()
     except UserError as exc:
-        print_error(str(exc))
+        if not secondary_process():
+            print_error(str(exc))
         sys.exit(2)
     except KeyboardInterrupt:
         print_error("interrupted")

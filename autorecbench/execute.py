@@ -18,7 +18,6 @@ import signal
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from autorecbench.results.checkpoint import (HEARTBEAT_SECONDS, Checkpoint, Chec
 from autorecbench.results.run_folder import RunFolder, make_run_id
 from autorecbench.results.tracking import log_finished_run
 from autorecbench.runners.streaming import BatchHook, Progress
+from autorecbench.train.distributed import current
 from autorecbench.train.state import unpicklable
 
 log = logging.getLogger("autorecbench")
@@ -163,12 +163,17 @@ def execute(
     hook: BatchHook | None = None,
     on_folder: Callable[[Path], None] | None = None,
     resume: Resume | None = None,
-) -> Path:
+) -> Path | None:
     """Run the configured pair and return the finished run folder; with ``resume``, continue that run from its
-    checkpoint (same config, same data, same device) into the same folder."""
+    checkpoint (same config, same data, same device) into the same folder. None on a torchrun process other
+    than rank 0: it trains its shard, rank 0 evaluates and writes the one folder."""
     t0 = time.perf_counter() - (float(resume.checkpoint.meta["wall_seconds"]) if resume else 0.0)
     task = TaskSpec.from_name(str(cfg.task))
-    device = resolve_device(str(cfg.device))
+    dist = current()
+    device = dist.device(resolve_device(str(cfg.device)))
+    if resume is not None and dist.active:
+        raise UserError(f"{resume.folder}: resume a run in one process (not under torchrun): a data-parallel run "
+                        "does not checkpoint")
     seed = int(cfg.seed)
     runner_cls = configured_runner(cfg)
     runner_cfg = runner_config(cfg)
@@ -181,9 +186,13 @@ def execute(
     if resume is not None:
         _check_resumable(resume, schema.fingerprint, device)
     seed_everything(seed, bool(cfg.deterministic))
-    runner = runner_cls(runner_cfg, progress, hook)
+    dist.seed_streams(seed, device)
+    runner = runner_cls(runner_cfg, progress if dist.is_main else None, hook)
     data = runner.load(prepared, task, device, data_cfg)
     method = method_cls(MethodContext(schema, task, cfg.method, cfg.model, device, seed))
+    if not dist.is_main:
+        runner.run(method, data)
+        return None
 
     model = str(cfg.model.name)
     if resume is None:
@@ -213,6 +222,8 @@ def execute(
                      f", resumed at {resume.checkpoint.meta['position']}" if resume else "")
             control = FolderControl(folder, info, runner_cfg, resume.checkpoint if resume else None,
                                     lambda: time.perf_counter() - t0)
+            if dist.active:  # rank 0's state alone could not resume the other processes
+                control.enabled = False
             result = runner.run(method, data, control)
             memory = method.memory().to_dict()
             wall = time.perf_counter() - t0
@@ -254,6 +265,7 @@ def execute(
 def _run_info(cfg: DictConfig, overrides: list[str], folder: RunFolder, started: dt.datetime, method_cls: Any,
               runner_cls: Any, device: torch.device, prepared: PreparedData) -> dict[str, Any]:
     schema = prepared.schema
+    dist = current()
     return {
         "run_id": folder.run_id,
         "status": "running",
@@ -267,8 +279,10 @@ def _run_info(cfg: DictConfig, overrides: list[str], folder: RunFolder, started:
         "headline_split": runner_cls.headline_split,
         "device": str(device),
         "overrides": list(overrides),
-        "variant": variant_label(list(overrides)),
-        "config_hash": config_hash(cfg),
+        "variant": variant_label(list(overrides), dist.world_size),
+        "config_hash": config_hash(cfg, dist.world_size),
+        "world_size": dist.world_size,  # processes of a data-parallel run (torchrun), 1 otherwise
+        "data_parallel": dist.info() if dist.active else None,
         # `autorecbench tune`'s final runs: the budget and validation metric that chose their settings.
         "tuning": OmegaConf.to_container(cfg.tuning, resolve=True) if cfg.get("tuning") is not None else None,
         "command": sys.argv,

@@ -1,13 +1,22 @@
 """Launching runs: compose and check every combination of a sweep, prepare each dataset once, then hand the
 overrides to Hydra, which calls :func:`execute` once per run (in process, or in a launcher's workers).
 
-Used by ``autorecbench run`` and by the reproductions that run a grid of runs.
+Used by ``autorecbench run``, ``tune`` and the reproductions that run a grid of runs. Launchers:
+- ``basic`` (Hydra's default): the runs one after another in this process. The only one under ``torchrun``,
+  where every process runs each run in step with the others (:mod:`autorecbench.train.distributed`).
+- ``joblib``: worker processes on this machine.
+- ``submitit_slurm`` / ``submitit_local`` (extra ``[slurm]``): one SLURM job per run, or local processes
+  through the same submitit machinery; ``ray`` (extra ``[ray]``): tasks on a local or an existing Ray cluster.
+  Runs in other processes or on other machines resolve paths there, so the sweep pins ``paths.root`` to this
+  machine's absolute path (a shared filesystem on a cluster); each job writes its own run folder into the
+  one ``results/``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable
@@ -16,13 +25,18 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from autorecbench.console import err_console, out_console, print_error, setup_logging
+from autorecbench.console import err_console, out_console, print_error, secondary_process, setup_logging
 from autorecbench.errors import RunDiverged, UserError, quoted
+from autorecbench.train.distributed import Distributed, current, start, stop, world_size_from_env
 
 log = logging.getLogger("autorecbench")
 
 EXIT_OK, EXIT_FAILED, EXIT_USER, EXIT_DIVERGED = 0, 1, 2, 3
 OUTCOMES_ENV = "AUTORECBENCH_OUTCOMES"
+
+
+# Launchers whose runs may execute on other machines (this one need not have their GPUs).
+ELSEWHERE_LAUNCHERS = ("submitit_slurm", "ray", "ray_aws")
 
 
 def compose_runs(overrides: list[str], multirun: bool) -> list[DictConfig]:
@@ -32,6 +46,7 @@ def compose_runs(overrides: list[str], multirun: bool) -> list[DictConfig]:
     combos = expand_sweep(overrides)
     if len(combos) > 1 and not multirun:
         raise UserError(f"these overrides describe a sweep of {len(combos)} runs: add -m (--multirun)")
+    here = runs_here(overrides)
     configs = []
     references: dict[tuple[str, ...], DictConfig] = {}  # the config of each set of group choices, for types
     for combo in combos:
@@ -40,7 +55,7 @@ def compose_runs(overrides: list[str], multirun: bool) -> list[DictConfig]:
         if choices not in references:
             references[choices] = compose(list(choices))
         check_override_types(combo, cfg, references[choices])
-        validate(cfg)
+        validate(cfg, here)
         configs.append(cfg)
     return configs
 
@@ -73,6 +88,70 @@ def check_folders(cfg: DictConfig) -> None:
             check_writable(Path(data_cfg.path), "raw data folder")
 
 
+def chosen_launcher(overrides: list[str]) -> str:
+    """The ``hydra/launcher`` that ``overrides`` select (given directly or by an ``experiment=`` preset)."""
+    from autorecbench.config import compose, expand_sweep
+
+    cfg = compose(expand_sweep(overrides)[0], with_hydra=True)
+    return str(cfg.hydra.runtime.choices.get("hydra/launcher") or "basic")
+
+
+def quote(value: Any) -> str:
+    """``value`` as a quoted Hydra override value (paths with spaces, colons, quotes)."""
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def runs_here(overrides: list[str]) -> bool:
+    """Whether the runs ``overrides`` describe execute on this machine (not through a SLURM or Ray launcher)."""
+    return chosen_launcher(overrides) not in ELSEWHERE_LAUNCHERS
+
+
+def launcher_overrides(overrides: list[str], cfg: DictConfig) -> list[str]:
+    """Check the launcher ``overrides`` select for this machine and return what the sweep must add for it:
+    ``paths.root`` pinned to an absolute path when runs start in other processes or machines."""
+    launcher = chosen_launcher(overrides)
+    if launcher != "basic" and world_size_from_env() > 1:
+        raise UserError(f"hydra/launcher={launcher} starts runs outside torchrun's process group: under torchrun "
+                        "use the default launcher (every process runs each run of the sweep in step)")
+    if launcher == "submitit_slurm" and shutil.which("sbatch") is None:
+        raise UserError("hydra/launcher=submitit_slurm submits each run with sbatch, which is not on this "
+                        "machine's PATH: launch from a SLURM login node (hydra/launcher=submitit_local runs the "
+                        "same sweep on this machine)")
+    if launcher == "basic" or any(o.split("=", 1)[0] == "paths.root" for o in overrides):
+        return []
+    return [f"paths.root={quote(Path(str(cfg.paths.root)).resolve())}"]
+
+
+def single_process_only(command: str) -> None:
+    """Refuse ``command`` under torchrun (it reads results the runs write: one process's job)."""
+    if world_size_from_env() > 1:
+        raise UserError(f"autorecbench {command} does not run under torchrun: use torchrun for `autorecbench run` "
+                        "(one data-parallel run, or a -m sweep of them), and hydra/launcher=... to spread "
+                        f"{command}'s runs over a cluster")
+
+
+def start_data_parallel(configs: list[DictConfig]) -> Distributed:
+    """Under torchrun, join the process group for the sweep's device (gloo: cpu, NCCL: cuda)."""
+    from autorecbench.config import resolve_device
+
+    if world_size_from_env() == 1:
+        return current()
+    kinds = sorted({resolve_device(str(cfg.device)).type for cfg in configs})
+    if len(kinds) > 1:
+        raise UserError(f"a torchrun sweep runs on one kind of device, not {' and '.join(kinds)}: set device=")
+    return start(kinds[0])
+
+
+def run_folders_in(results: Path) -> set[Path]:
+    """The folders in ``results`` now (complete runs and ``.partial`` ones)."""
+    return {p for p in results.iterdir() if p.is_dir()} if results.is_dir() else set()
+
+
+def new_run_folders(results: Path, before: set[Path]) -> list[Path]:
+    """Folders in ``results`` that are not in ``before`` (:func:`run_folders_in` of it, taken earlier)."""
+    return sorted(run_folders_in(results) - before)
+
+
 def prepare_datasets(configs: list[DictConfig]) -> None:
     """Prepare every dataset of a sweep once, before anything runs: a bad raw file stops the whole sweep, and
     parallel workers then all find the cache ready."""
@@ -91,22 +170,29 @@ def launch_runs(overrides: list[str], multirun: bool, configs: list[DictConfig] 
     exit code: 0, or 1 if a run failed, else 3 if a run diverged (a sweep runs every job either way)."""
     if configs is None:
         configs = compose_runs(overrides, multirun)
+    pinned = launcher_overrides(overrides, configs[0])
     for cfg in configs:
         check_folders(cfg)
-    prepare_datasets(configs)
-    if multirun:
-        log.info("launching %d run(s)", len(configs))
-    return launch_hydra(overrides, multirun)
+    dist = start_data_parallel(configs)
+    try:
+        with dist.main_first():  # torchrun: rank 0 prepares, the others then find the cache
+            prepare_datasets(configs)
+        if multirun:
+            log.info("launching %d run(s)", len(configs))
+        return launch_hydra([*overrides, *pinned], multirun)
+    finally:
+        stop()
 
 
-def run_and_report(start: Callable[[Callable[[Path], None]], Path]) -> int:
+def run_and_report(start: Callable[[Callable[[Path], None]], Path | None]) -> int:
     """Run one job, ``start(on_folder)``, and print how it ended in one line; returns the exit code: 0
     complete, 1 failed (the traceback is in its ``run.json``), 2 a user error, 3 diverged."""
     folders: list[Path] = []
     try:
         path = start(folders.append)
     except UserError as exc:
-        print_error(str(exc))
+        if not secondary_process():  # under torchrun every process fails alike: rank 0 says it once
+            print_error(str(exc))
         return EXIT_USER
     except RunDiverged as exc:
         where = f" ({folders[-1]})" if folders else ""
@@ -120,7 +206,8 @@ def run_and_report(start: Callable[[Callable[[Path], None]], Path]) -> int:
         if folders:
             print_error(f"interrupted: {folders[-1]} keeps its last checkpoint; `autorecbench resume` continues it")
         raise
-    out_console.print(f"results: {path}", highlight=False, soft_wrap=True)
+    if path is not None:  # None: a torchrun process other than rank 0
+        out_console.print(f"results: {path}", highlight=False, soft_wrap=True)
     return EXIT_OK
 
 

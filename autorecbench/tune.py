@@ -15,7 +15,10 @@ the final seeds and recorded with its budget.
   ``<results_dir>`` with ``tuning: {trials, metric, study}`` in their config and ``run.json``; ``compare``
   shows them as "tuned (N trials)" and never groups them with untuned runs.
 - ``--trials N`` is the budget: give every method the same N for a fair comparison. The sampler is seeded
-  (``--sampler-seed``), so the same command proposes the same trials.
+  (``--sampler-seed``), so the same command proposes the same trials (for a given ``--jobs``).
+- ``--jobs K``: the sweeper proposes K trials at a time and the launcher runs them together (with
+  ``hydra/launcher=joblib``, ``submitit_slurm``, ``submitit_local`` or ``ray``; the default launcher runs them
+  one after another); the final runs go through the same launcher.
 """
 
 from __future__ import annotations
@@ -134,24 +137,22 @@ def _trial_task(cfg: DictConfig) -> float:
     return math.nan if value is None else value
 
 
-def _quote(value: Any) -> str:
-    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def run_study(overrides: list[str], trials: int, metric: str, sampler_seed: int = 0) -> Study:
-    """Sample ``trials`` configurations of the search space and select on validation (no final runs)."""
+def run_study(overrides: list[str], trials: int, metric: str, sampler_seed: int = 0, jobs: int = 1) -> Study:
+    """Sample ``trials`` configurations of the search space, ``jobs`` at a time, and select on validation (no
+    final runs)."""
     from autorecbench.config import compose, configured_runner, expand_sweep, runner_config, validate
     from autorecbench.execute import prepare_data
-    from autorecbench.launch import launch_hydra
+    from autorecbench.launch import launch_hydra, launcher_overrides, quote as _quote, runs_here
     from autorecbench.results.run_folder import discover, read_record
 
-    if trials < 1:
-        raise UserError("--trials must be >= 1")
+    if trials < 1 or jobs < 1:
+        raise UserError("--trials and --jobs must be >= 1")
     _, name = parse_metric(metric)
     if len(expand_sweep(overrides)) > 1:
         raise UserError("tune takes one configuration to tune (no comma sweeps); the seeds go in --seeds")
     cfg = compose(overrides)
-    validate(cfg)
+    validate(cfg, runs_here(overrides))
+    pinned = launcher_overrides(overrides, cfg)
     space = search_space(cfg, overrides)
     runner = configured_runner(cfg)
     prepared = prepare_data(cfg)
@@ -162,8 +163,8 @@ def run_study(overrides: list[str], trials: int, metric: str, sampler_seed: int 
     directory.mkdir(parents=True, exist_ok=False)
     marks = [f"+tuning.trials={trials}", f"+tuning.metric={metric}", f"+tuning.split={runner.tuning_split}",
              f"+tuning.study={_quote(directory.resolve())}", "+tuning.trial=true"]
-    sweep = [*overrides, *holdout, *marks, f"paths.results_dir={_quote((directory / 'trials').resolve())}",
-             "hydra/sweeper=optuna", f"hydra.sweeper.n_trials={trials}", "hydra.sweeper.n_jobs=1",
+    sweep = [*overrides, *pinned, *holdout, *marks, f"paths.results_dir={_quote((directory / 'trials').resolve())}",
+             "hydra/sweeper=optuna", f"hydra.sweeper.n_trials={trials}", f"hydra.sweeper.n_jobs={jobs}",
              f"hydra.sweeper.direction={direction}", f"hydra.sweeper.sampler.seed={sampler_seed}",
              f"hydra.sweep.dir={_quote((directory / 'hydra').resolve())}",
              *[f"{key}={expression}" for key, expression in space.items()]]
@@ -184,25 +185,27 @@ def run_study(overrides: list[str], trials: int, metric: str, sampler_seed: int 
         raise UserError(f"all {len(study.trials)} trial(s) failed; see {directory / 'trials'}")
     pick = min if direction == "minimize" else max
     study.best = pick(finished, key=lambda t: t.value)  # type: ignore[arg-type,return-value]
-    _record(study, cfg, overrides, trials, sampler_seed, holdout)
+    _record(study, cfg, overrides, trials, sampler_seed, holdout, jobs)
     return study
 
 
 def _record(study: Study, cfg: DictConfig, overrides: list[str], trials: int, sampler_seed: int,
-            holdout: list[str]) -> None:
+            holdout: list[str], jobs: int) -> None:
     rows = [{"trial": t.number, "status": t.status, "value": t.value, "path": t.path,
              **{f"param.{k}": v for k, v in t.params.items()}} for t in study.trials]
     pl.DataFrame(rows, infer_schema_length=None).write_parquet(study.directory / "trials.parquet")
     summary = {"method": str(cfg.method.name), "data": str(cfg.data.name), "task": str(cfg.task),
                "overrides": overrides, "space": study.space, "trials": trials, "metric": study.metric,
                "direction": study.direction, "sampler": "optuna TPE (hydra-optuna-sweeper)",
-               "sampler_seed": sampler_seed, "holdout": holdout,
+               "sampler_seed": sampler_seed, "jobs": jobs, "holdout": holdout,
                "best": asdict(study.best) if study.best else None, "all": [asdict(t) for t in study.trials]}
     (study.directory / "tune.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
 
 
 def final_overrides(study: Study, overrides: list[str], seeds: list[int]) -> list[str]:
     """The best trial's configuration over ``seeds``, marked with the study's budget."""
+    from autorecbench.launch import quote as _quote
+
     assert study.best is not None
     kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "seed"]
     return [*kept, *[f"{k}={v}" for k, v in study.best.params.items()],

@@ -53,7 +53,10 @@ def _root(
     epilog="Examples:\n\n"
     "* `autorecbench run` (FIXED on ml-100k, streaming, binary)\n\n"
     "* `autorecbench run method=fixed data=ml-latest-small task=multiclass seed=3 method.embedding_dim=64`\n\n"
-    "* `autorecbench run -m seed=0,1,2` (one run per seed; add `hydra/launcher=joblib` to run them in parallel)",
+    "* `autorecbench run -m seed=0,1,2` (one run per seed; add `hydra/launcher=joblib` to run them in parallel)\n\n"
+    "* `autorecbench run -m seed=0,1,2 experiment=slurm hydra.launcher.partition=gpu` (one SLURM job per run; "
+    "also `hydra/launcher=submitit_local`, `hydra/launcher=ray`)\n\n"
+    "* `torchrun --nproc_per_node=4 -m autorecbench run data=criteo model=deepfm` (one data-parallel run on 4 GPUs)",
 )
 def run(
     overrides: Annotated[Optional[list[str]], typer.Argument(
@@ -136,15 +139,19 @@ runs.register(app)
 @app.command()
 def methods() -> None:
     """List the registered methods: the protocol each runs under, how faithful it is to its paper and official
-    code (faithful / faithful, deviations documented / not faithful) and a one-line summary of the deviations."""
+    code (faithful / faithful, deviations documented / not faithful), a one-line summary of the deviations, and
+    whether it trains data-parallel under torchrun."""
     from rich.table import Table
 
     from autorecbench.config import group_options
     from autorecbench.methods.base import all_methods
+    from autorecbench.runners.base import RUNNERS, runner_class
 
+    runner_class("offline")  # imports every runner module
+    protocol_refusals = {r.protocol: r.data_parallel_refusal for r in RUNNERS.values()}
     table = Table(title="Registered methods")
     for column in ("name", "protocol", "fidelity", "deviations (config switches in the docstring)", "description",
-                   "paper", "package"):
+                   "paper", "data-parallel (torchrun)", "package"):
         table.add_column(column, overflow="fold")
     configured = group_options("method")
     for name, by_protocol in sorted(all_methods().items()):
@@ -153,8 +160,9 @@ def methods() -> None:
             if name not in configured:
                 fidelity += " (no conf/method YAML)"
             # Plugins (entry point autorecbench.methods) show the package they come from.
+            refusal = protocol_refusals.get(protocol) or cls.data_parallel_refusal
             table.add_row(name, protocol, fidelity, cls.deviations or "–", cls.description, cls.paper,
-                          cls.__module__.split(".")[0])
+                          f"no: {refusal}" if refusal else "yes", cls.__module__.split(".")[0])
     out_console.print(table)
 
 

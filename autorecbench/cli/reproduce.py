@@ -6,8 +6,17 @@ import typer
 
 from autorecbench.reproduce import REPRODUCTIONS
 
-reproduce_app = typer.Typer(help="Reproduce a paper's table: run its grid, print ours beside the paper's values.",
+reproduce_app = typer.Typer(help="Reproduce a paper's table: run its grid, print ours beside the paper's values. "
+                            "Extra Hydra overrides apply to every run, launchers included (e.g. "
+                            "`hydra/launcher=submitit_slurm`, `hydra/launcher=ray`).",
                             no_args_is_help=True, rich_markup_mode="markdown")
+
+
+@reproduce_app.callback()
+def _single_process() -> None:
+    from autorecbench.launch import single_process_only
+
+    single_process_only("reproduce")
 
 for _item in REPRODUCTIONS:
     _module = _item.load()

@@ -13,6 +13,8 @@ from autorecbench.errors import UserError
 EPILOG = ("Examples:\n\n"
           "* `autorecbench tune method=fixed data=ml-100k --trials 20 --metric valid/auc --seeds 0,1,2`\n\n"
           "* `autorecbench tune method=autoloss data=criteo model=deepfm --trials 20 --metric valid/logloss`\n\n"
+          "* `autorecbench tune method=fixed data=criteo --trials 40 --jobs 4 hydra/launcher=submitit_slurm "
+          "hydra.launcher.partition=gpu hydra.launcher.gpus_per_node=1` (4 trials at a time on SLURM)\n\n"
           "Then `autorecbench compare results/` shows each tuned method as \"tuned (N trials)\".")
 
 
@@ -36,6 +38,8 @@ def tune(
                                         "on (lower is better for logloss, mse, ce).")] = "valid/auc",
     seeds: Annotated[str, typer.Option("--seeds", help="Seeds of the final runs with the best configuration.")] = "0",
     sampler_seed: Annotated[int, typer.Option("--sampler-seed", help="Seed of the Optuna sampler.")] = 0,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Trials proposed and launched at a time (run together by "
+                                      "a launcher: hydra/launcher=joblib|submitit_slurm|submitit_local|ray).")] = 1,
     no_final: Annotated[bool, typer.Option("--no-final", help="Only the trials: do not rerun the best.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Log lines only, no progress bar.")] = False,
 ) -> None:
@@ -43,9 +47,10 @@ def tune(
     the best configuration with --seeds; the results carry the budget."""
     from rich.table import Table
 
-    from autorecbench.launch import launch_runs
+    from autorecbench.launch import launch_runs, single_process_only
     from autorecbench.tune import final_overrides, run_study
 
+    single_process_only("tune")
     overrides = list(overrides or [])
     for item in overrides:
         if item.startswith("-") or "=" not in item:
@@ -53,7 +58,7 @@ def tune(
     if quiet:
         overrides.append("quiet=true")
     final_seeds = _seeds(seeds)
-    study = run_study(overrides, trials, metric, sampler_seed)
+    study = run_study(overrides, trials, metric, sampler_seed, jobs)
     table = Table(title=f"{len(study.trials)} trial(s), {study.direction} {study.metric}")
     for column in ("trial", "status", study.metric, *study.space):
         table.add_column(column)

@@ -103,7 +103,8 @@ class OfflineData:
     split_info: dict[str, Any]
 
     def __len__(self) -> int:
-        return len(self.train) + len(self.valid) + len(self.test)
+        """The run's rows (under torchrun: all processes' training shards, not this process's)."""
+        return sum(self.split_info["rows"].values())
 
     def split(self, name: str) -> SplitData:
         return {"train": self.train, "valid": self.valid, "test": self.test}[name]
@@ -185,9 +186,23 @@ def _load_ratings(prepared: PreparedData, task: TaskSpec, data_cfg: DatasetConfi
     return xs, ys, rule
 
 
+def _shard(xs: dict[str, np.ndarray], labels: dict[str, np.ndarray], rank: int, world: int) -> dict[str, int]:
+    """Keep process ``rank``'s share of ``world``: training rows rank, rank + world, ... (the same count on
+    every process; the last ``n % world`` rows are left out) and the test split on rank 0 only (it alone tests)."""
+    n = len(xs["train"])
+    per_process = n // world
+    rows = slice(rank, rank + per_process * world, world)
+    xs["train"], labels["train"] = xs["train"][rows], labels["train"][rows]
+    if rank:
+        xs["test"], labels["test"] = xs["test"][:0], labels["test"][:0]
+    return {"processes": world, "train_rows_per_process": per_process, "train_rows_left_out": n - per_process * world}
+
+
 def load_offline(prepared: PreparedData, task: TaskSpec, device: torch.device, data_cfg: DatasetConfig, *,
-                 max_rows: int | None = None, placement: str = "auto") -> OfflineData:
-    """The prepared dataset's three splits as tensors (see the module docstring)."""
+                 max_rows: int | None = None, placement: str = "auto", process: tuple[int, int] = (0, 1)
+                 ) -> OfflineData:
+    """The prepared dataset's three splits as tensors (see the module docstring). ``process``: (rank, world
+    size) of a data-parallel run, which holds only its shard of the training rows (:func:`_shard`)."""
     schema = prepared.schema
     if schema.label == "click":
         xs, labels = _load_ctr(prepared, task, max_rows)
@@ -200,11 +215,16 @@ def load_offline(prepared: PreparedData, task: TaskSpec, device: torch.device, d
                             "protocol needs at least 2 (check data.split / runner.max_rows)")
     if len(xs["test"]) == 0:
         raise UserError(f"dataset {schema.dataset!r}: the test split is empty (check data.split / runner.max_rows)")
+    rank, world = process
+    sharding = _shard(xs, labels, rank, world) if world > 1 else None
     n_bytes = sum(x.nbytes + labels[s].nbytes * (4 if task.is_binary else 8) for s, x in xs.items())
     resident = _resident(placement, device, n_bytes)
     splits = {s: _place(xs[s], labels[s], task, device, resident, s) for s in SPLITS}
     names = schema.field_names
     user_index = names.index(schema.user_field) if schema.user_field in names else None
-    info = {**rule, "rows": {s: len(splits[s]) for s in SPLITS}, "max_rows": max_rows,
-            "on_device": resident, "fields": len(names)}
+    rows = {s: len(splits[s]) for s in SPLITS}
+    if sharding:  # the training rows of the run, not of this process (rank 0, which writes, holds the test rows)
+        rows["train"] = sharding["train_rows_per_process"] * world
+    info = {**rule, "rows": rows, "max_rows": max_rows, "on_device": resident, "fields": len(names),
+            **({"data_parallel": sharding} if sharding else {})}
     return OfflineData(splits["train"], splits["valid"], splits["test"], list(schema.fields), task, user_index, info)

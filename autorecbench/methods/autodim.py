@@ -48,7 +48,9 @@ Choices the survey leaves open, with their defaults (``conf/method/autodim.yaml`
 - ``gumbel_noise: example``: every example draws its own selection per field (``batch``: one draw per field
   and step, shared by the batch, as Hetu's). On the planted-truth files the per-batch draw left useless
   fields' α near uniform (their argmax at random), the per-example draw — a lower-variance estimate of the
-  α gradient — pushed them to the small sizes (see the tests).
+  α gradient — pushed them to the small sizes (see the tests). Data-parallel (torchrun) runs need
+  ``example``: with ``batch`` each process would draw its own architecture per step, so the step would no
+  longer use one draw; such a run is refused.
 - ``batch_norm_affine: true`` with ``batch_norm_scale_init: null`` (= ``init_std``): the normalising
   batch-norm has a learned scale γ that starts at the backbone's embedding scale (1e-4). With γ = 1 (or no
   γ, Hetu's) every unified embedding has unit variance in each of U channels from the first step, so FM and
@@ -239,6 +241,14 @@ class AutoDim(BackboneMethod):
         self.alpha_rows: list[dict[str, Any]] = []
 
     @classmethod
+    def check_data_parallel(cls, cfg: DictConfig, backend: str) -> None:
+        super().check_data_parallel(cfg, backend)
+        if str(cfg.gumbel_noise) == "batch":
+            raise UserError("method.gumbel_noise=batch draws one architecture per step for the whole batch; "
+                            "data-parallel, each process would draw its own (per-process sampling): use "
+                            "gumbel_noise=example")
+
+    @classmethod
     def check_config(cls, cfg: DictConfig) -> None:
         candidates = [int(c) for c in cfg.candidates]
         if len(candidates) < 2 or min(candidates) < 1 or len(set(candidates)) != len(candidates):
@@ -272,6 +282,7 @@ class AutoDim(BackboneMethod):
         model = self.new_backbone(embedding)
         arch_optimizer = torch.optim.Adam([embedding.arch], lr=float(cfg.arch_lr))
         weight_optimizer = self.adam(model, float(cfg.lr), exclude=[embedding.arch])
+        train_model = loop.parallel(model)  # DDP under torchrun
 
         def step(batch: OfflineBatch, loop: OfflineLoop) -> torch.Tensor:
             embedding.tau = self.schedule(loop.step)
@@ -279,11 +290,12 @@ class AutoDim(BackboneMethod):
             # First-order DARTS: α on a validation batch, the weights held fixed ...
             valid = loop.valid_batch()
             (grad,) = torch.autograd.grad(logloss(task, model(valid.x), valid.label), [embedding.arch])
+            loop.average([grad])  # torchrun: each process had its share of the validation batch
             embedding.arch.grad = grad
             arch_optimizer.step()
             # ... then the weights on the training batch, α held fixed.
             weight_optimizer.zero_grad()
-            loss = logloss(task, model(batch.x), batch.label)
+            loss = logloss(task, train_model(batch.x), batch.label)
             loss.backward()
             embedding.arch.grad = None
             weight_optimizer.step()

@@ -154,13 +154,14 @@ class AutoFIS(BackboneMethod):
         model = self._backbone(gate)
         adam = self.adam(model, float(cfg.lr), exclude=[gate.alpha])
         grda = GRDA([gate.alpha], lr=float(cfg.grda_lr), c=self.grda_c, mu=self.grda_mu)
+        train_model = loop.parallel(model)  # DDP under torchrun: α's gradient is averaged with the others
 
         def step(batch: OfflineBatch, loop: OfflineLoop) -> torch.Tensor:
             self._decay(adam, loop, len(batch))
             model.train()
             adam.zero_grad()
             grda.zero_grad(set_to_none=True)
-            loss = logloss(self.ctx.task, model(batch.x), batch.label)
+            loss = logloss(self.ctx.task, train_model(batch.x), batch.label)
             loss.backward()
             adam.step()  # everything but α
             grda.step()  # α, in the same step (one-level)

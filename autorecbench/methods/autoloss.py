@@ -195,6 +195,10 @@ class GlobalWeights(nn.Module):
 
 @register_method
 class AutoLoss(BackboneMethod):
+    """See the module docstring. Data-parallel (torchrun): the DRS trains through DDP; the controller step
+    averages V's gradients and batch-norm statistics across processes (each holds its share of the validation
+    batch), so every process keeps the same V."""
+
     name = "autoloss"
     description = "Per-example loss-function search with a controller and Gumbel-softmax; fixed-loss, DARTS, AL-1, AL-2 baselines"
     paper = "Zhao et al., KDD 2021 (AutoLoss), §2.3-2.5, Algorithm 1"
@@ -273,9 +277,12 @@ class AutoLoss(BackboneMethod):
 
     # ------------------------------------------------------------ Algorithm 1
 
-    def _controller_step(self, valid: OfflineBatch, train: OfflineBatch, step: int) -> None:
+    def _controller_step(self, valid: OfflineBatch, train: OfflineBatch, step: int, loop: OfflineLoop) -> None:
         """Lines 2-4: one Adam step of V on ``L_val(W*(V), V)`` over a validation batch. ξ = 0: W* = W, the DRS
-        fixed (first order); ξ > 0: W* is Eq. 13's one-step unrolled DRS (:meth:`_unrolled_logits`)."""
+        fixed (first order); ξ > 0: W* is Eq. 13's one-step unrolled DRS (:meth:`_unrolled_logits`). Under
+        torchrun each process holds its share of the batches: V's gradients and batch-norm statistics are
+        averaged across processes before the step, so every process keeps the same V (with ξ > 0 each process
+        unrolls on its own share; the history row describes rank 0's share)."""
         assert self.weigher is not None and self.weigher_optimizer is not None
         device = self.ctx.device
         if device.type == "cuda":
@@ -302,6 +309,7 @@ class AutoLoss(BackboneMethod):
         grads = torch.autograd.grad(loss, parameters, allow_unused=True)
         for parameter, grad in zip(parameters, grads):
             parameter.grad = grad
+        loop.average([*(p.grad for p in self.weigher.parameters()), *self.weigher.buffers()])
         self.weigher_optimizer.step()
         self.controller_steps += 1
         with torch.no_grad():
@@ -341,8 +349,8 @@ class AutoLoss(BackboneMethod):
         DRS on the training batch (lines 5-6)."""
         step = loop.step
         if self.learns_weights and step % self.cfg.update_every == 0:
-            self._controller_step(loop.valid_batch(), batch, step)
-        model, optimizer = self.module(), self.optimizer
+            self._controller_step(loop.valid_batch(), batch, step, loop)
+        model, optimizer = self.training_module(loop), self.optimizer
         assert optimizer is not None
         model.train()
         logits = model(batch.x)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
@@ -85,6 +85,9 @@ class Method(ABC):
     protocols: ClassVar[tuple[str, ...]] = ()
     # Attributes a checkpoint leaves out: what the method is built from, the same when a run resumes.
     checkpoint_exclude: ClassVar[tuple[str, ...]] = ("ctx",)
+    # Why the method cannot train data-parallel under torchrun (None: it can; its training forward passes go
+    # through ``OfflineLoop.parallel`` and any other update averages its gradients with ``OfflineLoop.average``).
+    data_parallel_refusal: ClassVar[str | None] = "it does not declare how its updates synchronise across processes"
 
     def __init__(self, ctx: MethodContext) -> None:
         self.ctx = ctx
@@ -114,6 +117,13 @@ class Method(ABC):
     @classmethod
     def check_config(cls, cfg: DictConfig) -> None:
         """Reject bad ``method`` options with a UserError before any data is read (override as needed)."""
+
+    @classmethod
+    def check_data_parallel(cls, cfg: DictConfig, backend: str) -> None:
+        """Refuse a data-parallel run (torchrun) of this ``method`` config with a UserError naming the reason;
+        ``backend`` is the process group's (gloo on the CPU, nccl on GPUs)."""
+        if cls.data_parallel_refusal:
+            raise UserError(f"method {cls.name} cannot run data-parallel: {cls.data_parallel_refusal}")
 
     @abstractmethod
     def memory(self) -> MemoryReport: ...
@@ -212,6 +222,16 @@ class OfflineLoop(Protocol):
 
     def valid_batch(self) -> OfflineBatch: ...
 
+    def parallel(self, module: nn.Module) -> nn.Module:
+        """``module`` for training forward passes: under torchrun wrapped in DistributedDataParallel (backward
+        averages its gradients across processes), else ``module`` itself."""
+        ...
+
+    def average(self, tensors: Iterable[torch.Tensor | None]) -> None:
+        """Average ``tensors`` across torchrun's processes in place (gradients of weights a step updates outside
+        a :meth:`parallel` module's backward); nothing in one process."""
+        ...
+
     def evaluate(self, predict: Callable[[OfflineBatch], torch.Tensor], split: str) -> dict[str, float]: ...
 
     def fit(self, stage: str, step: Callable[[OfflineBatch, OfflineLoop], torch.Tensor],
@@ -228,6 +248,9 @@ class OfflineMethod(Method):
        (epochs, evaluation and early stopping on validation, the curve recorded under stage ``search``), draw
        validation batches for bi-level steps with ``loop.valid_batch()``, and read ``loop.step`` (the step
        within the stage, e.g. for a temperature schedule). The runner times the call as ``search_seconds``.
+       Data-parallel (torchrun): training forward passes go through ``loop.parallel(model)``, gradients of
+       weights stepped outside that backward are averaged with ``loop.average``, and ``loop.valid_batch()``
+       is this process's share of the batch; a method that does so sets ``data_parallel_refusal = None``.
     2. ``build(architecture)``: a fresh model for the architecture (FIXED: the backbone with one embedding
        size for every field), with its optimisers.
     3. The fit stage: ``loop.fit(stage="fit", step=self.train_step, predict=self.predict, module=self.module())``

@@ -54,13 +54,24 @@ class BackboneMethod(OfflineMethod):
     Subclasses build ``self.model`` / ``self.optimizer`` in ``build`` with :meth:`new_backbone` and
     :meth:`adam`; the default ``train_step`` minimises the logloss (cross-entropy for 5 classes).
     ``method.embedding_optimizer`` (``lazy`` | ``dense``) and ``method.lr`` are read from the method config.
+    Data-parallel under torchrun: the training forward pass goes through :meth:`training_module`.
     """
+
+    data_parallel_refusal = None
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
         self.mode = check_mode(str(ctx.cfg.embedding_optimizer))
         self.model: CTRBackbone | None = None
         self.optimizer: SplitAdam | None = None
+        self._parallel: tuple[nn.Module, nn.Module] | None = None  # (model, what the loop trains it through)
+
+    @classmethod
+    def check_data_parallel(cls, cfg: DictConfig, backend: str) -> None:
+        super().check_data_parallel(cfg, backend)
+        if backend == "nccl" and str(cfg.embedding_optimizer) == "lazy":
+            raise UserError("method.embedding_optimizer=lazy gives sparse embedding gradients, which NCCL cannot "
+                            "all-reduce: use dense (the backbones' default) for data-parallel runs on GPUs")
 
     @property
     def sparse(self) -> bool:
@@ -94,8 +105,16 @@ class BackboneMethod(OfflineMethod):
         assert self.model is not None, "build() first"
         return self.model
 
+    def training_module(self, loop: OfflineLoop) -> nn.Module:
+        """The fit-stage model as training steps run it: ``loop.parallel`` of it (DistributedDataParallel under
+        torchrun), made once per model."""
+        model = self.module()
+        if self._parallel is None or self._parallel[0] is not model:
+            self._parallel = (model, loop.parallel(model))
+        return self._parallel[1]
+
     def train_step(self, batch: OfflineBatch, loop: OfflineLoop) -> torch.Tensor:
-        model, optimizer = self.module(), self.optimizer
+        model, optimizer = self.training_module(loop), self.optimizer
         assert optimizer is not None
         model.train()
         optimizer.zero_grad()

@@ -16,6 +16,7 @@ place; if one is missing, the command stops before running anything and says whe
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import statistics
@@ -103,26 +104,28 @@ def grid(datasets: list[str], models: list[str], ablations: bool) -> list[Cell]:
 
 
 def run_grid(cells: list[Cell], seeds: list[int], small: bool, extra: list[str]) -> None:
-    """Run every implemented cell once per seed, in process, and read back its test metrics."""
-    from autorecbench.config import compose, validate
-    from autorecbench.errors import RunDiverged
-    from autorecbench.execute import execute
+    """Run every implemented cell once per seed and read back its test metrics: one Hydra sweep
+    (``method.variant`` × ``seed``) per dataset × model, so a launcher in ``extra`` (``hydra/launcher=joblib``,
+    ``submitit_slurm``, ``ray``, ...) runs a sweep's runs together."""
+    from autorecbench.config import compose
+    from autorecbench.launch import launch_runs, new_run_folders, run_folders_in
 
+    groups: dict[tuple[str, str], dict[str, Cell]] = {}
     for cell in cells:
-        if cell.variant is None:
-            continue
-        data = SMALL[cell.dataset] if small else DATASETS[cell.dataset][0]
-        for seed in seeds:
-            overrides = [*data, f"model={cell.model}", "method=autoloss", f"method.variant={cell.variant}",
-                         f"seed={seed}", "quiet=true", *extra]
-            cfg = compose(overrides)
-            validate(cfg)
-            log.info("%s / %s / %s, seed %d", cell.dataset, cell.model, cell.column, seed)
-            try:
-                folder = execute(cfg, overrides)
-            except RunDiverged as exc:  # a result too: the cell shows the seeds that did not diverge
-                log.warning("%s / %s / %s, seed %d: %s", cell.dataset, cell.model, cell.column, seed, exc)
+        if cell.variant is not None:
+            groups.setdefault((cell.dataset, cell.model), {})[cell.variant] = cell
+    for (dataset, model), by_variant in groups.items():
+        data = SMALL[dataset] if small else DATASETS[dataset][0]
+        base = [*data, f"model={model}", "method=autoloss", "quiet=true", *extra]
+        results = Path(str(compose(base).paths.results_dir))
+        before = run_folders_in(results)
+        log.info("%s / %s: %s, seeds %s", dataset, model, ", ".join(by_variant), seeds)
+        launch_runs([*base, f"method.variant={','.join(by_variant)}", f"seed={','.join(map(str, seeds))}"],
+                    multirun=True)
+        for folder in new_run_folders(results, before):
+            if not (folder / "architecture.json").is_file():  # a failed or diverged run's .partial folder: the cell shows the other seeds
                 continue
+            cell = by_variant[str(json.loads((folder / "architecture.json").read_text())["variant"])]
             metrics = pl.read_parquet(folder / "metrics.parquet").filter(pl.col("split") == "test")
             for metric, value in zip(metrics["metric"], metrics["value"]):
                 cell.values.setdefault(str(metric), []).append(float(value))

@@ -44,15 +44,22 @@ def paper_values() -> dict[str, Any]:
     return values
 
 
+def experiment_override(extra: Sequence[str]) -> str:
+    """``experiment=table1``, joined by the presets ``extra`` selects (e.g. ``experiment=slurm`` for a cluster:
+    ``experiment=[table1,slurm]``)."""
+    presets = [o.split("=", 1)[1].strip("[]") for o in extra if o.split("=", 1)[0] == "experiment"]
+    return f"experiment=[{','.join(['table1', *presets])}]" if presets else "experiment=table1"
+
+
 def grid_overrides(datasets: Sequence[str], seeds: Sequence[int], extra: Sequence[str]) -> list[str]:
-    """The Hydra multirun overrides of the Table 1 grid."""
+    """The Hydra multirun overrides of the Table 1 grid (``extra``: overrides for every run, launchers too)."""
     return [
-        "experiment=table1",
+        experiment_override(extra),
         f"data={','.join(datasets)}",
         f"method={','.join(METHODS)}",
         f"task={','.join(TASKS)}",
         f"seed={','.join(str(s) for s in seeds)}",
-        *extra,
+        *[o for o in extra if o.split("=", 1)[0] != "experiment"],
     ]
 
 
@@ -249,15 +256,13 @@ def table1_from_results(paths: Sequence[str], console: Console, fmt: str = "tabl
 
 # ------------------------------------------------------------------ the command (`autorecbench reproduce table1`)
 
-def _snapshot(results: Path) -> set[Path]:
-    return {p for p in results.iterdir() if p.is_dir()} if results.is_dir() else set()
-
-
 CONTEXT_SETTINGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 EPILOG = ("Examples:\n\n"
           "* `autorecbench reproduce table1` (16 runs: ml-20m and ml-latest must be in data/raw/)\n\n"
           "* `autorecbench reproduce table1 --data ml-latest-small` (the same grid on a small real dataset)\n\n"
           "* `autorecbench reproduce table1 --data ml-100k runner.max_rows=5000` (a smoke version)\n\n"
+          "* `autorecbench reproduce table1 experiment=slurm hydra.launcher.partition=gpu` (one SLURM job per run, "
+          "4 GPUs at a time; `hydra/launcher=ray` for a Ray cluster)\n\n"
           "* `autorecbench reproduce table1 --show results/table1` (print runs made before)")
 
 
@@ -266,7 +271,8 @@ def command(
         help="Extra Hydra overrides for every run, e.g. `device=cuda` or `runner.max_rows=5000`.", show_default=False)] = None,
     data: Annotated[str, typer.Option("--data", help="Comma-separated datasets (the paper: ml-20m,ml-latest).")] = "ml-20m,ml-latest",
     seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated seeds; results are means over them.")] = "0",
-    jobs: Annotated[int, typer.Option("--jobs", help="Runs in parallel (Hydra's joblib launcher); 1 runs them in turn.")] = 1,
+    jobs: Annotated[int, typer.Option("--jobs", help="Runs in parallel (Hydra's joblib launcher); 1 runs them in turn. "
+                                      "For a cluster give a launcher instead: `experiment=slurm` or `hydra/launcher=...`.")] = 1,
     show: Annotated[Optional[list[str]], typer.Option("--show", help="Run nothing: print Table 1 from these run folders or folders of runs.")] = None,
     fmt: Annotated[str, typer.Option("--format", "-f", help="table | markdown")] = "table",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Log lines only, no progress bars.")] = False,
@@ -300,14 +306,19 @@ def command(
     check_raw_files(datasets, extra)
 
     from autorecbench.config import compose
-    from autorecbench.launch import launch_runs
+    from autorecbench.launch import chosen_launcher, launch_runs, new_run_folders, run_folders_in
 
     if jobs > 1:
+        launcher = chosen_launcher(grid_overrides(datasets, seed_list, extra))
+        if launcher != "basic":
+            raise UserError(f"--jobs runs the grid with the joblib launcher, not with hydra/launcher={launcher}: "
+                            "set that launcher's own parallelism (e.g. hydra.launcher.array_parallelism)")
         extra += ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}"]
-    results = Path(str(compose(["experiment=table1", *[o for o in extra if o.startswith("paths.")]]).paths.results_dir))
-    before = _snapshot(results)
+    results = Path(str(compose([experiment_override(extra),
+                                *[o for o in extra if o.startswith("paths.")]]).paths.results_dir))
+    before = run_folders_in(results)
     code = launch_runs([*grid_overrides(datasets, seed_list, extra), *(["quiet=true"] if quiet else [])], multirun=True)
-    new = sorted(_snapshot(results) - before)
+    new = new_run_folders(results, before)
     if not new:
         raise UserError(f"no runs were written to {results}")
     text = table1_from_results([str(p) for p in new], out_console, fmt)

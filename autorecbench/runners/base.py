@@ -131,6 +131,8 @@ class Runner(ABC):
     headline_split: ClassVar[str]
     # Whether run folder names carry the model (several backbones per dataset are the norm offline).
     names_model: ClassVar[bool] = False
+    # Why the protocol cannot train data-parallel under torchrun (None: it can; see train/distributed.py).
+    data_parallel_refusal: ClassVar[str | None] = "it does not shard its data across processes"
     # The split of a tuning trial's metrics that `autorecbench tune` selects on: validation, never test data.
     tuning_split: ClassVar[str] = "valid"
 

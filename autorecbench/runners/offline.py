@@ -24,7 +24,7 @@ from __future__ import annotations
 import inspect
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -38,6 +38,7 @@ from autorecbench.methods.base import FitResult
 from autorecbench.runners.base import (LifecycleConfig, NoControl, ProgressLike, RunControl, RunOutput, Runner,
                                        register_runner)
 from autorecbench.runners.guard import DivergenceGuard, constant_loss, loss_metric
+from autorecbench.train.distributed import Distributed, current
 from autorecbench.train.state import restore, rng_state, set_rng_state
 
 MONITORS = {"auc": "max", "logloss": "min", "ce": "min"}
@@ -149,6 +150,8 @@ class TrainLoop:
         self.fits: list[FitResult] = []
         self.extra: dict[str, Any] = {}  # the runner's own results so far (the search's), kept in checkpoints
         self._constant: float | None = None
+        # Under torchrun: this process's shard, its share of each batch, rank 0 evaluating (identity alone).
+        self.dist: Distributed = current()
 
     # ------------------------------------------------------------ for methods
 
@@ -164,7 +167,7 @@ class TrainLoop:
                 continue
             assert self._valid_cycle is not None
             self._valid_cycle = (self._valid_cycle[0], self._valid_cycle[1] + 1)
-            return batch
+            return OfflineBatch(self.dist.share(batch.x), self.dist.share(batch.label))
         raise RuntimeError("empty validation split")
 
     def _valid_size(self) -> int:
@@ -183,8 +186,20 @@ class TrainLoop:
             raise RunDiverged(self.stage or "test", self.step, f"non-finite prediction on the {split.name} split (row {row})")
         return out
 
+    def parallel(self, module: nn.Module) -> nn.Module:
+        """``module`` for training forward passes: DistributedDataParallel under torchrun, else itself."""
+        return self.dist.parallel(module)
+
+    def average(self, tensors: Iterable[torch.Tensor | None]) -> None:
+        """Average ``tensors`` across torchrun's processes in place (nothing in one process)."""
+        self.dist.average(tensors)
+
     def evaluate(self, predict: Callable[[OfflineBatch], torch.Tensor], split: str) -> dict[str, float]:
-        """The task's metrics on ``split`` (train, valid or test), plus gAUC when there is a user field."""
+        """The task's metrics on ``split`` (train, valid or test), plus gAUC when there is a user field
+        (under torchrun: computed by rank 0, handed to every process)."""
+        return self.dist.from_main(lambda: self._evaluate(predict, split))
+
+    def _evaluate(self, predict: Callable[[OfflineBatch], torch.Tensor], split: str) -> dict[str, float]:
         data = self.data.split(split)
         pred = self.predictions(predict, data)
         label = data.label.to(pred.device)  # pinned on the CPU when the split is not device-resident
@@ -280,10 +295,12 @@ class TrainLoop:
         else:
             fit = FitState()
             self.stage, self.step = stage, 0
-        steps_per_epoch = len(self.train.bounds(cfg.batch_size))
+        batch_size, world = self.dist.batch_size(cfg.batch_size), self.dist.world_size
+        step = self.dist.own_stream(step)  # per-process dropout / Gumbel draws under torchrun
+        steps_per_epoch = len(self.train.bounds(batch_size))
         loss_sum = torch.full((), fit.loss_sum, dtype=torch.float64, device=self.device)
         if self.progress:
-            self.progress.start(epochs * len(self.train))
+            self.progress.start(epochs * len(self.train) * world)
             self.progress.update(fit.samples)
         _sync(self.device)
         session_start = interval_start = time.perf_counter()
@@ -295,7 +312,7 @@ class TrainLoop:
             _sync(self.device)
             now = time.perf_counter()
             fit.train_seconds += now - interval_start
-            mean_loss = float(loss_sum.cpu()) / max(fit.loss_steps, 1)
+            mean_loss = float(self.dist.mean(loss_sum).cpu()) / max(fit.loss_steps, 1)
             guard.flush()
             metrics = self.evaluate(predict, "valid")
             epoch_done = self.step / steps_per_epoch
@@ -337,12 +354,12 @@ class TrainLoop:
                 else:  # a resumed epoch: draw the same order, skip what was done
                     assert fit.epoch_rng is not None
                     self.generator.set_state(fit.epoch_rng)
-                for batch in self.train.batches(cfg.batch_size, self.generator, skip=fit.batch):
+                for batch in self.train.batches(batch_size, self.generator, skip=fit.batch):
                     loss = step(batch, self)
                     fit.batch += 1
                     self.step += 1
                     self.total_steps += 1
-                    fit.samples += len(batch)
+                    fit.samples += len(batch) * world  # every process's rows
                     loss_sum += loss.detach().to(torch.float64)
                     fit.loss_steps += 1
                     guard.observe(self.step, loss)
@@ -394,6 +411,7 @@ class OfflineProtocol(Runner):
     config_class = OfflineConfig
     headline_split = "test"
     names_model = True
+    data_parallel_refusal = None  # torchrun: sharded training rows, DDP, rank 0 evaluates (train/distributed.py)
 
     @classmethod
     def check_data(cls, data_cfg: Any, task: Any) -> None:
@@ -401,8 +419,9 @@ class OfflineProtocol(Runner):
             raise UserError(f"dataset {data_cfg.name!r} has 0/1 click labels: use task=binary")
 
     def load(self, prepared: Any, task: Any, device: torch.device, data_cfg: Any) -> OfflineData:
+        dist = current()
         return load_offline(prepared, task, device, data_cfg, max_rows=self.cfg.max_rows,
-                            placement=self.cfg.data_on_device)
+                            placement=self.cfg.data_on_device, process=(dist.rank, dist.world_size))
 
     def run(self, method: Any, data: OfflineData, control: RunControl | None = None) -> RunOutput:
         loop = TrainLoop(self.cfg, data, self.progress, control, method)
@@ -425,6 +444,7 @@ class OfflineProtocol(Runner):
 
         method.build(architecture)
         fit = loop.fit("fit", method.train_step, method.predict, method.module())
+        in_step = loop.dist.in_step(method.module())  # torchrun: every process ended with rank 0's weights
         if resume is not None and not resume.state.get("restored"):
             raise RuntimeError("the checkpoint matched none of this run's fit stages")
 
@@ -443,8 +463,9 @@ class OfflineProtocol(Runner):
             "eval_seconds": fit.eval_seconds,
             "train_samples_per_second": fit.samples_per_second,
         }
-        if on_gpu:  # one GPU per run: GPU-seconds are its wall seconds
-            cost.update(search_gpu_seconds=search_seconds, train_gpu_seconds=fit.wall_seconds)
+        if on_gpu:  # one GPU per process: GPU-seconds are wall seconds times the processes
+            gpus = loop.dist.world_size
+            cost.update(search_gpu_seconds=search_seconds * gpus, train_gpu_seconds=fit.wall_seconds * gpus)
         training = {"best_epoch": fit.best_epoch, "best_step": fit.best_step, "epochs": fit.epochs_run,
                     "steps": fit.steps, "stopped_early": float(fit.stopped_early)}
         metrics = (_metric_rows("test", test, len(data.test)) + _metric_rows("valid", valid, len(data.valid))
@@ -463,6 +484,7 @@ class OfflineProtocol(Runner):
                     "test_seconds": test_seconds,
                 },
                 "split": data.split_info,
+                **({"data_parallel_weights_in_step": in_step} if loop.dist.active else {}),
                 "searched_architecture": architecture,
             },
             headline=test,

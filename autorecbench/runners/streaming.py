@@ -262,6 +262,7 @@ class StreamingProtocol(Runner):
     protocol = "streaming"
     config_class = StreamingConfig
     headline_split = "eval"
+    data_parallel_refusal = "test-then-train is one sequential pass over the stream"
     tuning_split = "eval"
 
     @classmethod
