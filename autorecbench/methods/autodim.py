@@ -60,7 +60,7 @@ from torch import nn
 from autorecbench.errors import UserError
 from autorecbench.train.gumbel import TemperatureSchedule, gumbel_softmax
 from autorecbench.methods.base import MethodContext, OfflineLoop, register_method
-from autorecbench.methods.offline_common import BackboneMethod, check_positive
+from autorecbench.methods.offline_common import BackboneMethod, backbone_logits, check_positive
 from autorecbench.models.backbones import logloss
 from autorecbench.models.layers import field_offsets
 from autorecbench.models.rating import output_probabilities
@@ -198,6 +198,7 @@ class AutoDim(BackboneMethod):
     name = "autodim"
     description = "Field-wise embedding-dimension search: Gumbel-softmax over candidate sizes, first-order DARTS"
     paper = "Zhao et al., WWW 2021 (AutoDim); survey §4.2"
+    handles_sequences = False  # its search embedding cannot look up the tables behaviour sequences share
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
@@ -249,12 +250,12 @@ class AutoDim(BackboneMethod):
             model.train()
             # First-order DARTS: α on a validation batch, the weights held fixed ...
             valid = loop.valid_batch()
-            (grad,) = torch.autograd.grad(logloss(task, model(valid.x), valid.label), [embedding.arch])
+            (grad,) = torch.autograd.grad(logloss(task, backbone_logits(model, valid), valid.label), [embedding.arch])
             embedding.arch.grad = grad
             arch_optimizer.step()
             # ... then the weights on the training batch, α held fixed.
             weight_optimizer.zero_grad()
-            loss = logloss(task, model(batch.x), batch.label)
+            loss = logloss(task, backbone_logits(model, batch), batch.label)
             loss.backward()
             embedding.arch.grad = None
             weight_optimizer.step()
@@ -262,7 +263,7 @@ class AutoDim(BackboneMethod):
 
         def predict(batch: OfflineBatch) -> torch.Tensor:
             model.eval()
-            return output_probabilities(self.ctx.task, model(batch.x))
+            return output_probabilities(self.ctx.task, backbone_logits(model, batch))
 
         fit = loop.fit("search", step, predict, model,
                        epochs=int(cfg.search_epochs) if cfg.search_epochs is not None else None,

@@ -42,7 +42,7 @@ from torch import nn
 from autorecbench.errors import UserError
 from autorecbench.train.grda import GRDA
 from autorecbench.methods.base import MethodContext, OfflineLoop, register_method
-from autorecbench.methods.offline_common import BackboneMethod, check_positive, model_overrides
+from autorecbench.methods.offline_common import BackboneMethod, backbone_logits, check_positive, model_overrides
 from autorecbench.models.backbones import FM, CTRBackbone, logloss
 from autorecbench.models.layers import pair_index
 
@@ -78,6 +78,7 @@ class AutoFIS(BackboneMethod):
     name = "autofis"
     description = "Feature-interaction selection: gates on every pair, sparsified by GRDA, then re-train (Eq. 26-28)"
     paper = "Liu et al., KDD 2020 (AutoFIS); survey §5 Eq. 26-28"
+    handles_sequences = False  # its gates cover the categorical field pairs, not pooled histories in DeepFM's FM
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
@@ -117,7 +118,7 @@ class AutoFIS(BackboneMethod):
     def _predictor(model: nn.Module) -> Any:
         def predict(batch: OfflineBatch) -> torch.Tensor:
             model.eval()
-            return torch.sigmoid(model(batch.x)[:, 0])
+            return torch.sigmoid(backbone_logits(model, batch)[:, 0])
         return predict
 
     # ------------------------------------------------------------ search (Eq. 26, GRDA + Adam)
@@ -135,7 +136,7 @@ class AutoFIS(BackboneMethod):
             model.train()
             adam.zero_grad()
             grda.zero_grad(set_to_none=True)
-            loss = logloss(self.ctx.task, model(batch.x), batch.label)
+            loss = logloss(self.ctx.task, backbone_logits(model, batch), batch.label)
             loss.backward()
             adam.step()  # everything but α
             grda.step()  # α, in the same step (one-level)

@@ -56,7 +56,7 @@ from autorecbench.errors import UserError
 from autorecbench.train.gumbel import TemperatureSchedule, gumbel_softmax
 from autorecbench.train.losses import CANDIDATES, LossOptions, candidate_losses, check_names, class_probs
 from autorecbench.methods.base import MethodContext, OfflineLoop, register_method
-from autorecbench.methods.offline_common import BackboneMethod, check_positive
+from autorecbench.methods.offline_common import BackboneMethod, backbone_logits, check_positive
 from autorecbench.models.layers import MLP
 
 if TYPE_CHECKING:
@@ -230,7 +230,7 @@ class AutoLoss(BackboneMethod):
         model = self.module()
         model.eval()
         with torch.no_grad():
-            logits = model(batch.x)
+            logits = backbone_logits(model, batch)
         self.weigher.train()
         tau = self.schedule(step)
         log_alpha = self.log_alpha(logits, batch.label)
@@ -262,7 +262,7 @@ class AutoLoss(BackboneMethod):
         model, optimizer = self.module(), self.optimizer
         assert optimizer is not None
         model.train()
-        logits = model(batch.x)
+        logits = backbone_logits(model, batch)
         tau = self.schedule(step)
         if self.weigher is not None:
             self.weigher.eval()  # "fix V": running statistics, no dropout, no update
