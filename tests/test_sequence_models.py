@@ -79,6 +79,17 @@ def test_masked_sum_and_sequence_mask() -> None:
     assert sequence_mask(lengths, 5).sum(1).tolist() == [0, 5, 2, 1]
 
 
+def test_embed_with_is_forward_and_embed_field_in_one_lookup() -> None:
+    model = backbone("dnn")
+    x, seq, _ = batch()
+    lookups = [(1, seq["hist_cate"]), (2, seq["hist_brand"])]
+    e, items = model.embedding.embed_with(x, lookups)
+    assert torch.equal(e, model.embedding(x))
+    for (j, codes), got in zip(lookups, items):
+        assert torch.equal(got, model.embedding.embed_field(j, codes))
+    assert not torch.equal(items[0], items[1])  # each sequence reads its own field's rows
+
+
 @pytest.mark.parametrize("activation", ["prelu", "dice"])
 def test_local_activation_unit_is_the_mlp_over_the_concatenation(activation: str) -> None:
     torch.manual_seed(0)
@@ -126,7 +137,7 @@ def test_din_attends_with_the_target_and_ignores_padding() -> None:
     noisy = {k: torch.where(sequence_mask(lengths, 5), v, torch.full_like(v, 3)) for k, v in seq.items()}
     assert torch.allclose(model(x, noisy, lengths), out, atol=1e-6)  # padding codes do not matter
     # the interest is the weighted sum of the behaviours [E_cate[hist_cate_t], E_brand[hist_brand_t]]
-    items = torch.cat(model.sequence_items(seq), dim=-1)
+    items = torch.cat([model.embedding.embed_field(j, seq[n]) for j, n in ((1, "hist_cate"), (2, "hist_brand"))], -1)
     target = model.embedding(x)[:, [1, 2]].flatten(1)
     manual = model.head(model.mlp(torch.cat([model.embedding(x).flatten(1),
                                              model.attention.pool(items, target, lengths)], 1)))

@@ -100,7 +100,7 @@ class CTRBackbone(nn.Module):
     ``embedding`` is the embedding layer (default: one ``embedding_dim`` table per field); ``sparse`` asks the
     default tables and the first-order weights for sparse gradients (a lazy optimiser). ``sequences``: the
     data's behaviour sequences (``FieldSpec.kind == "sequence"``); a backbone that ``uses_sequences`` looks
-    them up in the table of the field each ``shares_table_with`` (the embedding must offer ``embed_field``).
+    them up in the table of the field each ``shares_table_with`` (the embedding must offer ``embed_with``).
     """
 
     protocols: ClassVar[tuple[str, ...]] = ("offline",)
@@ -134,26 +134,31 @@ class CTRBackbone(nn.Module):
             raise UserError(f"sequence fields share the tables of {unknown}, which are not fields of the data")
         # column in x of the field whose table each sequence shares
         self.shared_fields = [names.index(str(s.shares_table_with)) for s in self.sequence_specs]
-        if self.sequence_specs and not hasattr(self.embedding, "embed_field"):
+        if self.sequence_specs and not hasattr(self.embedding, "embed_with"):
             raise UserError("behaviour sequences need an embedding layer that looks up one field's rows "
-                            "(embed_field); this method's cannot")
+                            "(embed_with); this method's cannot")
 
-    def sequence_items(self, seq: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """Each sequence's item embeddings ``[B, T, d]``, from the table of the field it shares."""
-        embed = self.embedding.embed_field  # type: ignore[union-attr]
-        return [embed(j, seq[s.name]) for s, j in zip(self.sequence_specs, self.shared_fields)]
+    def embed(self, x: torch.Tensor, seq: dict[str, torch.Tensor] | None = None
+              ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The field embeddings ``[B, F, d]`` and each sequence's item embeddings ``[B, T, d]`` (from the table of
+        the field it shares), looked up together."""
+        if not self.sequence_specs:
+            return self.embedding(x), []  # type: ignore[misc]
+        if seq is None:
+            raise RuntimeError(f"{type(self).__name__} was built for behaviour sequences: pass seq and seq_len")
+        lookups = [(j, seq[s.name]) for s, j in zip(self.sequence_specs, self.shared_fields)]
+        return self.embedding.embed_with(x, lookups)  # type: ignore[union-attr]
 
     def field_stack(self, x: torch.Tensor, seq: dict[str, torch.Tensor] | None = None,
                     seq_len: torch.Tensor | None = None) -> torch.Tensor:
         """E: ``[B, F + S, d]``, the field embeddings followed by each sequence's masked sum (none without
         sequences)."""
-        e = self.embedding(x)  # type: ignore[misc]
-        if not self.sequence_specs:
+        e, items = self.embed(x, seq)
+        if not items:
             return e
-        if seq is None or seq_len is None:
+        if seq_len is None:
             raise RuntimeError(f"{type(self).__name__} was built for behaviour sequences: pass seq and seq_len")
-        pooled = [masked_sum(items, seq_len) for items in self.sequence_items(seq)]
-        return torch.cat([e, torch.stack(pooled, dim=1)], dim=1)
+        return torch.cat([e, torch.stack([masked_sum(i, seq_len) for i in items], dim=1)], dim=1)
 
     @property
     def n_stacked(self) -> int:

@@ -77,8 +77,8 @@ class DIN(CTRBackbone):
                 seq_len: torch.Tensor | None = None) -> torch.Tensor:
         if seq is None or seq_len is None:
             raise RuntimeError("DIN needs the behaviour sequences: pass seq and seq_len")
-        e = self.embedding(x)  # type: ignore[misc]
-        items = torch.cat(self.sequence_items(seq), dim=-1)  # [B, T, S K]
+        e, behaviours = self.embed(x, seq)
+        items = torch.cat(behaviours, dim=-1)  # [B, T, S K]
         target = e[:, self.shared_fields].flatten(1)  # [B, S K]
         interest = self.attention.pool(items, target, seq_len)
         return self.head(self.mlp(torch.cat([e.flatten(1), interest], dim=1)))

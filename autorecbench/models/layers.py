@@ -81,6 +81,16 @@ class FieldEmbedding(nn.Module):
         """The rows of field ``index`` for ``codes`` of any shape (a behaviour sequence sharing its table)."""
         return self.table(codes + self.offsets[index])
 
+    def embed_with(self, x: torch.Tensor, lookups: Sequence[tuple[int, torch.Tensor]]
+                   ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``forward(x)`` and :meth:`embed_field` for each (field index, codes) of ``lookups``, in one table
+        lookup (one gradient for the table instead of one per lookup)."""
+        parts = [(x + self.offsets).reshape(-1)] + [(codes + self.offsets[i]).reshape(-1) for i, codes in lookups]
+        rows = self.table(torch.cat(parts)).split([p.numel() for p in parts])
+        shapes = [x.shape] + [codes.shape for _, codes in lookups]
+        e, *items = [r.reshape(*shape, self.dim) for r, shape in zip(rows, shapes)]
+        return e, items
+
 
 class FirstOrder(nn.Module):
     """The linear term <w, x> + b of LR / FM / DeepFM / Wide&Deep: one weight per feature value and output
