@@ -15,7 +15,9 @@ help:
 	@echo "make test       the test suite without slow tests (CPU, < 10 minutes on 2 cores)"
 	@echo "make test-slow  the slow tests too"
 	@echo "make bench      streaming throughput and peak memory on a synthetic stream; CTR preprocessing"
-	@echo "                (5M Criteo-format rows: rows/s, peak RSS) and DeepFM training samples/s; checkpoint cost"
+	@echo "                (5M Criteo-format rows: rows/s, peak RSS) and DeepFM training samples/s; Alimama"
+	@echo "                behaviour-log preparation (25M and 50M rows: rows/s, peak RSS, extrapolated to 723M)"
+	@echo "                and DIN training samples/s; checkpoint cost"
 	@echo "make reproduce-table1 [DATA=ml-latest-small|ml-100k] [SEEDS=0,1,2] [JOBS=2]"
 	@echo "                the ESAPN paper's Table 1 grid (ml-20m and ml-latest by default), printed beside the paper"
 	@echo "make reproduce-autoloss-table2 [ARGS='--small' | ARGS='--seeds 0,1,2 device=cuda']"
@@ -53,6 +55,7 @@ bench:
 	$(BIN)/python -m autorecbench.bench.streaming $(BENCH_ARGS)
 	$(BIN)/python -m autorecbench.bench.ctr
 	$(BIN)/python -m autorecbench.bench.checkpoint
+	$(BIN)/python -m autorecbench.bench.alimama
 
 # ESAPN paper Table 1: FIXED, DARTS, AutoEmb, ESAPN x binary, multiclass x DATA (default: ml-20m,ml-latest).
 DATA ?= ml-20m,ml-latest

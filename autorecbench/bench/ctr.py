@@ -69,28 +69,36 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _train(args: argparse.Namespace) -> dict[str, Any]:
+    from autorecbench.data.cache import prepare
+
+    raw, processed = _dataset(args)
+    _, data_cfg = _data_config(raw, processed)
+    return train_epoch(prepare(data_cfg), data_cfg, ["data=criteo", f"model={args.model}",
+                                                      f"method.embedding_optimizer={args.optimizer}"],
+                       args.device, args.train_rows)
+
+
+def train_epoch(prepared: Any, data_cfg: Any, overrides: list[str], device_name: str, train_rows: int) -> dict[str, Any]:
+    """FIXED on the composed ``overrides`` for one epoch over ``train_rows`` training rows of ``prepared``: its
+    training samples/s (optimisation steps only) and memory."""
     import torch
     from omegaconf import OmegaConf
 
     from autorecbench import envinfo
     from autorecbench.config import compose, resolve_device
-    from autorecbench.data.cache import prepare
     from autorecbench.data.schema import TaskSpec
     from autorecbench.execute import seed_everything
     from autorecbench.methods.base import MethodContext, method_class
     from autorecbench.runners.offline import OfflineConfig, OfflineProtocol
 
-    raw, processed = _dataset(args)
-    _, data_cfg = _data_config(raw, processed)
-    prepared = prepare(data_cfg)
-    cfg = compose(["data=criteo", f"model={args.model}", f"method.embedding_optimizer={args.optimizer}"])
-    device = resolve_device(args.device)
+    cfg = compose(overrides)
+    device = resolve_device(device_name)
     task = TaskSpec.from_name("binary")
     options = OmegaConf.to_container(cfg.runner, resolve=True)
     assert isinstance(options, dict)
     options.pop("name")
     total = sum((prepared.schema.splits or {}).values())
-    options.update(epochs=1, max_rows=int(args.train_rows * total / max(prepared.schema.splits["train"], 1)))
+    options.update(epochs=1, max_rows=int(train_rows * total / max(prepared.schema.splits["train"], 1)))
     seed_everything(0, deterministic=False)
     protocol = OfflineProtocol(OfflineConfig(**options))
     data = protocol.load(prepared, task, device, data_cfg)
@@ -101,8 +109,9 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
     memory = method.memory()
     return {
         "stage": "train",
-        "model": args.model,
-        "optimizer": args.optimizer,
+        "model": str(cfg.model.name),
+        "optimizer": str(cfg.method.embedding_optimizer),
+        "batch_size": int(options["batch_size"]),
         "device": str(device),
         "gpu": envinfo.hardware(device).get("gpu"),
         "train_rows": len(data.train),
@@ -115,6 +124,46 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
         "cuda_peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "torch_threads": torch.get_num_threads(),
     }
+
+
+def run_stages(module: str, stages: list[str], options: list[str], describe: str, as_json: bool) -> list[dict[str, Any]]:
+    """Run ``python -m module --stage=S options...`` for each stage in a process of its own (so each peak memory is
+    its own) and return their JSON results, ``generate`` stages left out; exits on a failed stage."""
+    from autorecbench.console import out_console as console
+
+    results = []
+    for stage in stages:
+        if not as_json:
+            console.print(f"[dim]{stage} ({describe}) …[/]")
+        done = subprocess.run([sys.executable, "-m", module, f"--stage={stage}", *options], capture_output=True, text=True)
+        if done.returncode != 0:
+            console.print(f"[red]{stage} failed:[/]\n{done.stderr[-2000:]}")
+            sys.exit(1)
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        if stage.startswith("generate"):
+            continue
+        results.append(result)
+        if as_json:
+            print(json.dumps(result))
+    return results
+
+
+def training_table(train: dict[str, Any]) -> Any:
+    """The rich table of a :func:`train_epoch` result."""
+    from rich.table import Table
+
+    mib = 2**20
+    table = Table(title=f"Training one epoch, FIXED + {train['model']} (batch {train['batch_size']}, "
+                        f"{train['optimizer']} Adam)")
+    for col in ("device", "train rows", "samples/s", "parameters", "embedding MiB", "peak RSS MiB", "CUDA peak MiB",
+                "test AUC"):
+        table.add_column(col, justify="right" if col != "device" else "left")
+    table.add_row(train["gpu"] or train["device"], f"{train['train_rows']:,}", f"{train['samples_per_second']:,.0f}",
+                  f"{train['parameters']:,}", f"{train['embedding_bytes'] / mib:,.1f}",
+                  f"{train['peak_rss_bytes'] / mib:,.0f}",
+                  "–" if train["cuda_peak_bytes"] is None else f"{train['cuda_peak_bytes'] / mib:,.0f}",
+                  f"{train['test_auc']:.4f}")
+    return table
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -142,27 +191,15 @@ def main(argv: list[str] | None = None) -> None:
 
     from autorecbench.console import out_console as console
 
-    results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         args.root = args.root or tmp
         # The file is written in a process of its own, so the preparation's peak memory is preparation only.
         stages = ["generate", "prepare"] if args.skip_train else ["generate", "prepare", "train"]
-        for stage in stages:
-            if not args.json:
-                console.print(f"[dim]{stage} ({args.rows:,}-row Criteo-format file) …[/]")
-            cmd = [sys.executable, "-m", "autorecbench.bench.ctr", f"--stage={stage}", f"--rows={args.rows}",
-                   f"--cardinality={args.cardinality}", f"--train-rows={args.train_rows}", f"--model={args.model}",
-                   f"--optimizer={args.optimizer}", f"--device={args.device}", f"--root={args.root}"]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:
-                console.print(f"[red]{stage} failed:[/]\n{done.stderr[-2000:]}")
-                sys.exit(1)
-            result = json.loads(done.stdout.strip().splitlines()[-1])
-            if stage == "generate":
-                continue
-            results.append(result)
-            if args.json:
-                print(json.dumps(result))
+        options = [f"--rows={args.rows}", f"--cardinality={args.cardinality}", f"--train-rows={args.train_rows}",
+                   f"--model={args.model}", f"--optimizer={args.optimizer}", f"--device={args.device}",
+                   f"--root={args.root}"]
+        results = run_stages("autorecbench.bench.ctr", stages, options, f"{args.rows:,}-row Criteo-format file",
+                             args.json)
     if args.json:
         return
     mib = 2**20
@@ -175,18 +212,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"{prep['feature_values']:,}", f"{prep['cache_bytes'] / mib:,.0f}")
     console.print(table)
     if len(results) > 1:
-        train = results[1]
-        table = Table(title=f"Training one epoch, FIXED + {train['model']} (batch 2000, {train['optimizer']} Adam)")
-        for col in ("device", "train rows", "samples/s", "parameters", "embedding MiB", "peak RSS MiB", "CUDA peak MiB",
-                    "test AUC"):
-            table.add_column(col, justify="right" if col != "device" else "left")
-        table.add_row(train["gpu"] or train["device"], f"{train['train_rows']:,}", f"{train['samples_per_second']:,.0f}",
-                      f"{train['parameters']:,}", f"{train['embedding_bytes'] / mib:,.1f}",
-                      f"{train['peak_rss_bytes'] / mib:,.0f}",
-                      "–" if train["cuda_peak_bytes"] is None else f"{train['cuda_peak_bytes'] / mib:,.0f}",
-                      f"{train['test_auc']:.4f}")
-        console.print(table)
-        console.print(f"torch threads: {train['torch_threads']}")
+        console.print(training_table(results[1]))
+        console.print(f"torch threads: {results[1]['torch_threads']}")
 
 
 if __name__ == "__main__":

@@ -140,12 +140,14 @@ runs.register(app)
 def methods() -> None:
     """List the registered methods: the protocol each runs under, how faithful it is to its paper and official
     code (faithful / faithful, deviations documented / not faithful), a one-line summary of the deviations, and
-    whether it trains data-parallel under torchrun."""
+    whether it trains data-parallel under torchrun; then the CTR backbones (``model=``) the same way."""
+    from rich.markup import escape
     from rich.table import Table
 
     from autorecbench.config import group_options
     from autorecbench.methods.base import all_methods
     from autorecbench.runners.base import RUNNERS, runner_class
+    from autorecbench.models.registry import load_models
 
     runner_class("offline")  # imports every runner module
     protocol_refusals = {r.protocol: r.data_parallel_refusal for r in RUNNERS.values()}
@@ -164,6 +166,16 @@ def methods() -> None:
             table.add_row(name, protocol, fidelity, cls.deviations or "–", cls.description, cls.paper,
                           f"no: {refusal}" if refusal else "yes", cls.__module__.split(".")[0])
     out_console.print(table)
+    backbones = Table(title="Registered backbones (model=)")
+    for column in ("name", "fidelity", "deviations (config switches in the docstring)", "behaviour sequences", "paper"):
+        backbones.add_column(column, overflow="fold")
+    for name, cls in sorted(load_models().items()):
+        if not hasattr(cls, "fidelity"):
+            continue
+        sequences = ("required" if getattr(cls, "requires_sequences", False)
+                     else "sum-pooled" if getattr(cls, "uses_sequences", False) else "ignored")
+        backbones.add_row(name, cls.fidelity, escape(cls.deviations or "–"), sequences, cls.paper)
+    out_console.print(backbones)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -198,9 +210,15 @@ def _summary(s) -> str:  # type: ignore[no-untyped-def]
     splits = s.splits or {}
     positives = sum(s.extra.get("positives", {}).values())
     span = f", {_span(s)}" if s.time_max else ""
+    histories = ""
+    if s.sequence_fields:
+        names = ", ".join(f"{f.name} (shares {f.shares_table_with})" for f in s.sequence_fields)
+        histories = (f", histories {names}, T = {s.sequence_fields[0].length}, mean length "
+                     f"{s.extra.get('mean_history_length', 0):.1f}")
     return (f"{s.n_rows:,} rows (train {splits.get('train', 0):,} / valid {splits.get('valid', 0):,} / test "
             f"{splits.get('test', 0):,}, split {s.extra.get('split', {}).get('rule', '?')}), {len(s.fields)} fields, "
-            f"{sum(f.cardinality for f in s.fields):,} feature values, {positives / max(s.n_rows, 1):.1%} clicks{span}")
+            f"{sum(f.cardinality for f in s.fields):,} feature values, {positives / max(s.n_rows, 1):.1%} clicks{span}"
+            f"{histories}")
 
 
 @data_app.command("list")

@@ -4,7 +4,10 @@ The cache folder is ``<processed_dir>/<dataset>-<fingerprint[:16]>/`` with ``sch
 - family ``movielens`` (ratings): ``interactions.parquet`` (user, item: contiguous int32 codes; rating:
   float32; timestamp: int64) in time order, ``users.parquet`` and ``items.parquet`` (code -> raw id);
 - families ``criteo`` and ``avazu`` (CTR, ``ctr.py``): ``part-00000.parquet``, ... (one int32 code column per
-  field, ``label`` and ``split`` int8) and ``vocab/<field>.parquet``.
+  field, ``label`` and ``split`` int8) and ``vocab/<field>.parquet``;
+- family ``alimama`` (four files, ``alimama.py``): the same, plus the behaviour histories as int32 columns
+  ``hist_cate_0 .. hist_cate_{T-1}``, ``hist_brand_0 ..`` (post-padded with 0) and ``hist_len``; the schema lists
+  them as ``sequence_fields``.
 The fingerprint covers the cache format version, the raw files (name, format, size, modification time) and
 every preprocessing option of the family, so preparing twice reuses the cache and changing any option builds
 a new one. Folders are written under a temporary name and renamed when complete (``atomic.py``): a failed
@@ -42,8 +45,12 @@ CACHE_VERSION = 2
 
 @dataclass(frozen=True)
 class SourceSpec:
+    """One way a dataset's raw files may be present: ``file`` (a ``{day}`` pattern stands for one file per
+    ``data.days``) and, for a multi-file format, the ``companions`` that must sit beside it (Alimama's four)."""
+
     file: str
     format: str
+    companions: tuple[str, ...] = ()
 
 
 @dataclass
@@ -94,7 +101,8 @@ class DatasetConfig:
         data = {k: v for k, v in data.items() if k in known}
         check_dataclass(DatasetConfig, data, "data")
         try:
-            data["sources"] = [SourceSpec(**s) for s in data.get("sources", [])]
+            data["sources"] = [SourceSpec(**{**s, "companions": tuple(s.get("companions") or ())})
+                               for s in data.get("sources", [])]
             cfg = DatasetConfig(**data, extra=extra)
         except TypeError as exc:
             raise UserError(f"bad data config: {exc}") from None
@@ -145,6 +153,13 @@ class DatasetConfig:
             time_fields=tuple(self.time_fields) if self.time_fields is not None else None,
         )
 
+    def alimama_options(self) -> Any:
+        """The Alimama family's options, typed and resolved against the preset (``alimama.AlimamaOptions``)."""
+        from autorecbench.data.alimama import AlimamaOptions
+
+        return AlimamaOptions.from_mapping({**self.extra, "min_count": self.min_count,
+                                            "skip_bad_rows": self.skip_bad_rows, "chunk_bytes": self.chunk_bytes})
+
     def raw_dir(self) -> Path:
         base = Path(self.path)
         if self.generator is not None:
@@ -169,10 +184,11 @@ class PreparedData:
 
 
 def source_names(cfg: DatasetConfig, source: SourceSpec) -> list[str]:
-    """The file names a source stands for: one, or one per selected day for a ``{day}`` pattern."""
+    """The file names a source stands for: one (and its companions), or one per selected day for a ``{day}``
+    pattern."""
     if "{day}" in source.file:
         return [source.file.format(day=d) for d in cfg.days or []]
-    return [source.file]
+    return [source.file, *source.companions]
 
 
 def locate_sources(cfg: DatasetConfig, raw_dir: Path | None = None) -> tuple[list[Path], SourceSpec] | None:
@@ -198,8 +214,14 @@ def locate_source(cfg: DatasetConfig, raw_dir: Path | None = None) -> tuple[Path
 
 
 def missing_message(cfg: DatasetConfig) -> str:
+    raw = Path(cfg.path)
     files = " or ".join(", ".join(source_names(cfg, s)) for s in cfg.sources)
     where = f"{files} not found in {cfg.path}"
+    for s in cfg.sources:  # some files of a multi-file source present: name the missing ones
+        names = source_names(cfg, s)
+        absent = [n for n in names if not (raw / n).is_file() and not (raw / f"{n}.gz").is_file()]
+        if len(names) > 1 and 0 < len(absent) < len(names):
+            where = f"{', '.join(absent)} not found in {cfg.path} (beside {', '.join(n for n in names if n not in absent)})"
     how = f"; {cfg.download}" if cfg.download else (f"; download {cfg.url}" if cfg.url else "")
     return f"dataset {cfg.name!r}: {where}{how} (or point data.path=... at the folder)"
 
@@ -306,19 +328,17 @@ def _ctr_formats() -> Collection[str]:
     return ctr_formats()
 
 
-def _build_ctr(cfg: DatasetConfig, paths: list[Path], source: SourceSpec, fingerprint: str, out: Path) -> Schema:
-    from autorecbench.data.ctr import build_ctr
-    from autorecbench.data.formats import ctr_formats
-
-    fmt = ctr_formats()[source.format](cfg.ctr_options())
-    built = build_ctr(fmt, paths, out)
+def _click_schema(cfg: DatasetConfig, paths: list[Path], digests: list[str], source: SourceSpec, fingerprint: str,
+                  built: Any, *, user_field: str | None, expected: dict[str, int] | None,
+                  sequence_fields: list[FieldSpec] | None = None, extra: dict[str, Any] | None = None) -> Schema:
+    """The schema of a click dataset from its build record (``ctr.CTRBuild``, ``alimama.AlimamaBuild``)."""
     files = []
-    for path, digest in zip(paths, built.sha256):
+    for path, digest in zip(paths, digests):
         stat = path.stat()
         files.append({"path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest})
     day_seconds = 86_400
     span = built.day_span
-    schema = Schema(
+    return Schema(
         dataset=cfg.name,
         family=cfg.family,
         fingerprint=fingerprint,
@@ -332,7 +352,7 @@ def _build_ctr(cfg: DatasetConfig, paths: list[Path], source: SourceSpec, finger
         rows_in_file=built.n_rows + built.skipped_rows + built.negatives_dropped,
         created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         cache_version=CACHE_VERSION,
-        expected=cfg.expected,
+        expected=expected,
         extra={
             "split": built.split_rule,
             "positives": built.positives,
@@ -340,11 +360,42 @@ def _build_ctr(cfg: DatasetConfig, paths: list[Path], source: SourceSpec, finger
             "first_skipped": built.first_skipped,
             "vocab_kept": built.vocab_kept,
             "negatives_dropped": built.negatives_dropped,
+            **(extra or {}),
         },
         label="click",
         splits=built.splits,
-        user_field=cfg.user_field,
+        user_field=user_field,
+        sequence_fields=sequence_fields or [],
     )
+
+
+def _build_ctr(cfg: DatasetConfig, paths: list[Path], source: SourceSpec, fingerprint: str, out: Path) -> Schema:
+    from autorecbench.data.ctr import build_ctr
+    from autorecbench.data.formats import ctr_formats
+
+    fmt = ctr_formats()[source.format](cfg.ctr_options())
+    built = build_ctr(fmt, paths, out)
+    schema = _click_schema(cfg, paths, built.sha256, source, fingerprint, built, user_field=cfg.user_field,
+                           expected=cfg.expected)
+    schema.save(out / "schema.json")
+    return schema
+
+
+def _alimama_options(cfg: DatasetConfig) -> dict[str, Any]:
+    return {**cfg.alimama_options().fingerprint_options(), "generator": cfg.generator}
+
+
+def _build_alimama(cfg: DatasetConfig, paths: list[Path], source: SourceSpec, fingerprint: str, out: Path) -> Schema:
+    from autorecbench.data.alimama import LENGTH_COLUMN, PRESET_EXPECTED, build_alimama
+
+    options = cfg.alimama_options()
+    built = build_alimama(options, {p.name.removesuffix(".gz"): p for p in paths}, out, log.debug)
+    sequences = [FieldSpec(name, cardinality=dict(built.fields)[shared], kind="sequence", shares_table_with=shared,
+                           length=length) for name, shared, length in built.sequences]
+    schema = _click_schema(cfg, paths, [built.sha256[p.name.removesuffix(".gz")] for p in paths], source, fingerprint,
+                           built, user_field="userid", sequence_fields=sequences,
+                           expected=cfg.expected if cfg.expected is not None else PRESET_EXPECTED[options.preset],
+                           extra={"preset": options.preset, "length_column": LENGTH_COLUMN, **built.counts})
     schema.save(out / "schema.json")
     return schema
 
@@ -363,6 +414,7 @@ FAMILIES: dict[str, Family] = {
     "movielens": Family("ratings", lambda: READERS, _build_movielens, _movielens_options),
     "criteo": Family("ctr", _ctr_formats, _build_ctr, _ctr_options),
     "avazu": Family("ctr", _ctr_formats, _build_ctr, _ctr_options),
+    "alimama": Family("ctr", lambda: ("alimama_csv",), _build_alimama, _alimama_options),
 }
 
 

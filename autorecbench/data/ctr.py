@@ -380,6 +380,34 @@ def _count_train_tokens(blocks: list[Path], sizes: list[int], split: np.ndarray,
     return {f: pl.concat(parts).group_by(f).agg(pl.col("len").sum()) for f, parts in partial.items()}
 
 
+def write_vocabulary(vocab_dir: Path, name: str, counts: pl.DataFrame, min_count: int, n_counted: int,
+                     label: Callable[[Any], str] = str, missing: str = "empty raw value") -> pl.DataFrame:
+    """Codes of one field from its token counts (columns ``name``, ``len``; nulls not counted): a token seen at
+    least ``min_count`` times keeps a code (FIRST_CODE, ... in token order), the others share OOV. Writes
+    ``vocab/<name>.parquet`` (code, token, meaning, count; ``n_counted`` rows were counted, so the missing
+    code's count is what the tokens do not cover) and returns the kept tokens with their ``code``."""
+    kept = counts.filter(pl.col("len") >= min_count).sort(name)
+    kept = kept.with_columns((pl.int_range(pl.len(), dtype=pl.Int32) + FIRST_CODE).alias("code"))
+    pl.DataFrame({
+        "code": [OOV, MISSING] + kept["code"].to_list(),
+        "token": ["<OOV>", "<missing>"] + [str(t) for t in kept[name].to_list()],
+        "meaning": ["out of vocabulary", missing] + [label(t) for t in kept[name].to_list()],
+        "count": [int(counts.filter(pl.col("len") < min_count)["len"].sum()),
+                  n_counted - int(counts["len"].sum())] + kept["len"].to_list(),
+    }, schema={"code": pl.Int32, "token": pl.String, "meaning": pl.String, "count": pl.Int64}
+    ).write_parquet(vocab_dir / f"{name}.parquet")
+    return kept
+
+
+def encode(name: str, vocab: pl.DataFrame, column: str | None = None) -> pl.Expr:
+    """Codes of the tokens in ``column`` (default ``name``) under ``vocab`` (from :func:`write_vocabulary`):
+    null -> MISSING, a token without a code -> OOV."""
+    value = pl.col(column or name)
+    return (pl.when(value.is_null()).then(pl.lit(MISSING, pl.Int32))
+            .otherwise(value.replace_strict(vocab[name], vocab["code"], default=OOV, return_dtype=pl.Int32))
+            .alias(name))
+
+
 def build_ctr(fmt: CTRFormat, files: list[Path], out: Path) -> CTRBuild:
     """Read ``files`` (one dataset, in order) and write the encoded blocks and vocabularies into ``out``."""
     options = fmt.options
@@ -399,23 +427,13 @@ def build_ctr(fmt: CTRFormat, files: list[Path], out: Path) -> CTRBuild:
     vocabs: dict[str, pl.DataFrame] = {}
     quantile = [f for f in fields if f in fmt.numeric_fields] if options.int_transform == "quantile" else []
     for f in fields:
-        if f in quantile:
+        if f in quantile:  # equal-frequency buckets: every training value falls in one
             kept = quantile_buckets(counts[f], f, options.int_buckets)
-            labels = bucket_labels(kept[f].to_list())
-            dropped_count = 0  # every training value falls in a bucket
+            vocabs[f] = write_vocabulary(vocab_dir, f, kept, 1, n_train, dict(zip(kept[f].to_list(),
+                                         bucket_labels(kept[f].to_list()))).__getitem__)
         else:
-            kept = counts[f].filter(pl.col("len") >= options.min_count).sort(f)
-            labels = [fmt.token_label(f, t) for t in kept[f].to_list()]
-            dropped_count = int(counts[f].filter(pl.col("len") < options.min_count)["len"].sum())
-        kept = kept.with_columns((pl.int_range(pl.len(), dtype=pl.Int32) + FIRST_CODE).alias("code"))
-        vocabs[f] = kept
-        pl.DataFrame({
-            "code": [OOV, MISSING] + kept["code"].to_list(),
-            "token": ["<OOV>", "<missing>"] + [str(t) for t in kept[f].to_list()],
-            "meaning": ["out of vocabulary", "empty raw value"] + labels,
-            "count": [dropped_count, n_train - int(counts[f]["len"].sum())] + kept["len"].to_list(),
-        }, schema={"code": pl.Int32, "token": pl.String, "meaning": pl.String, "count": pl.Int64}
-        ).write_parquet(vocab_dir / f"{f}.parquet")
+            vocabs[f] = write_vocabulary(vocab_dir, f, counts[f], options.min_count, n_train,
+                                         lambda t, f=f: fmt.token_label(f, t))
     del counts
 
     per_split = np.zeros(3, dtype=np.int64)
@@ -426,13 +444,8 @@ def build_ctr(fmt: CTRFormat, files: list[Path], out: Path) -> CTRBuild:
         labels = split[offset:offset + size]
         offset += size
         encoded = frame.select(
-            *[
-                pl.when(pl.col(f).is_null()).then(pl.lit(MISSING, pl.Int32))
-                .otherwise(bucket_codes(frame[f], vocabs[f][f]) if f in quantile else
-                           pl.col(f).replace_strict(vocabs[f][f], vocabs[f]["code"], default=OOV, return_dtype=pl.Int32))
-                .alias(f)
-                for f in fields
-            ],
+            *[pl.when(pl.col(f).is_null()).then(pl.lit(MISSING, pl.Int32)).otherwise(bucket_codes(frame[f], vocabs[f][f]))
+              .alias(f) if f in quantile else encode(f, vocabs[f]) for f in fields],
             pl.col("label").cast(pl.Int8),
             pl.Series("split", labels, dtype=pl.Int8),
         )

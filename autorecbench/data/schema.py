@@ -48,9 +48,20 @@ class TaskSpec:
 
 @dataclass
 class FieldSpec:
+    """One input field.
+
+    ``kind="categorical"``: one code per row, a column of ``OfflineBatch.x``. ``kind="sequence"``: a user's
+    behaviour history, ``length`` codes per row (``OfflineBatch.seq[name]``, ``[B, T]`` int32, post-padded with
+    0, the valid prefix given by ``OfflineBatch.seq_len``); its codes index the embedding table of the
+    categorical field ``shares_table_with`` (``hist_cate`` reads ``cate_id``'s rows), so ``cardinality`` is that
+    field's. The sequence fields of one dataset are aligned: position t of each is the same behaviour.
+    """
+
     name: str
     cardinality: int
     kind: str = "categorical"
+    shares_table_with: str | None = None
+    length: int | None = None
 
 
 @dataclass
@@ -78,6 +89,9 @@ class Schema:
     splits: dict[str, int] | None = None
     # The field identifying a user (gAUC groups by it); None when the data has none.
     user_field: str | None = None
+    # Behaviour sequences (``FieldSpec.kind == "sequence"``), beside the categorical ``fields``; stored in the
+    # cache as ``<name>_0 .. <name>_{T-1}`` int32 columns plus one ``hist_len`` column shared by all of them.
+    sequence_fields: list[FieldSpec] = field(default_factory=list)
 
     def cardinality(self, name: str) -> int:
         for f in self.fields:
@@ -114,8 +128,11 @@ class Schema:
                 n_fields=len(self.fields),
                 cardinalities={f.name: f.cardinality for f in self.fields},
                 splits=self.splits,
-                **{k: self.extra[k] for k in ("split", "positives", "skipped_rows", "negatives_dropped") if k in self.extra},
+                **{k: self.extra[k] for k in ("split", "positives", "skipped_rows", "negatives_dropped", "preset") if k in self.extra},
             )
+            if self.sequence_fields:
+                info["sequences"] = {f.name: {"length": f.length, "shares_table_with": f.shares_table_with}
+                                     for f in self.sequence_fields}
         return info
 
     def to_dict(self) -> dict[str, Any]:
@@ -128,4 +145,5 @@ class Schema:
     def load(path: Path) -> Schema:
         raw = json.loads(path.read_text())
         raw["fields"] = [FieldSpec(**f) for f in raw["fields"]]
+        raw["sequence_fields"] = [FieldSpec(**f) for f in raw.get("sequence_fields", [])]
         return Schema(**raw)

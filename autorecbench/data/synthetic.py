@@ -198,10 +198,12 @@ GENERATORS = {"movielens": (MovieLensGenerator, generate_movielens)}
 
 
 def _generators() -> dict[str, Any]:
-    """Every generator kind: MovieLens here, the CTR formats in ``synthetic_ctr``."""
+    """Every generator kind: MovieLens here, the CTR formats in ``synthetic_ctr``, Alimama in
+    ``synthetic_alimama``."""
+    from autorecbench.data.synthetic_alimama import ALIMAMA_GENERATORS
     from autorecbench.data.synthetic_ctr import CTR_GENERATORS
 
-    return {**GENERATORS, **CTR_GENERATORS}
+    return {**GENERATORS, **CTR_GENERATORS, **ALIMAMA_GENERATORS}
 
 
 def _spec(options: dict[str, Any]) -> tuple[str, Any]:

@@ -158,20 +158,22 @@ class _HashingReader(io.RawIOBase):
         return n or 0
 
 
-def _frame_of_lines(data: bytes, first_line: int, path: Path) -> pl.DataFrame:
-    """``data`` (whole lines) as columns ``line`` (1-based, counting from ``first_line``) and ``text``."""
-    return _text_column(io.BytesIO(data), path).with_row_index("line", offset=first_line).with_columns(
+def frame_of_lines(data: bytes, first_line: int, path: Path) -> pl.DataFrame:
+    """``data`` (whole lines) as columns ``line`` (1-based Int64, counting from ``first_line``) and ``text`` (CR
+    stripped); blank lines are dropped, their numbers kept for the others."""
+    frame = _text_column(io.BytesIO(data), path).with_row_index("line", offset=first_line).with_columns(
         pl.col("line").cast(pl.Int64), pl.col("text").str.strip_suffix("\r")
     )
+    return frame.filter(pl.col("text").is_not_null() & (pl.col("text") != ""))
 
 
-def iter_line_chunks(
+def iter_byte_chunks(
     path: Path, chunk_bytes: int = 64 << 20, digest: "hashlib._Hash | None" = None
-) -> Iterator[pl.DataFrame]:
-    """The lines of ``path`` (plain or ``.gz``) in chunks of about ``chunk_bytes`` of text, each as columns
-    ``line`` (1-based Int64, exact across chunks) and ``text`` (CR and a leading BOM stripped). Blank lines
-    are dropped, their numbers kept for the others. Memory stays bounded by the chunk size whatever the
-    file size; ``digest``, when given, receives the file's raw bytes (compressed ones for ``.gz``).
+) -> Iterator[tuple[bytes, int]]:
+    """The text of ``path`` (plain or ``.gz``) in pieces of about ``chunk_bytes`` that end at a line end (the
+    last may lack one), each with the 1-based number of its first line; a leading BOM is stripped. Memory
+    stays bounded by the chunk size whatever the file size; ``digest``, when given, receives the file's raw
+    bytes (compressed ones for ``.gz``). Pieces may hold blank lines.
 
     Raises DataFormatError for a missing, empty, truncated or corrupt file.
     """
@@ -181,7 +183,6 @@ def iter_line_chunks(
         raise DataFormatError(path, "empty file")
     next_line = 1
     carry = b""
-    seen_text = False
     with path.open("rb") as handle:
         raw: io.RawIOBase | io.BufferedReader = _HashingReader(handle, digest) if digest is not None else handle
         stream = gzip.GzipFile(fileobj=raw, mode="rb") if path.suffix == ".gz" else raw
@@ -204,15 +205,28 @@ def iter_line_chunks(
                 break
             if next_line == 1 and data.startswith(b"\xef\xbb\xbf"):
                 data = data[3:]
-            n_lines = data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
             if data:
-                frame = _frame_of_lines(data, next_line, path)
-                frame = frame.filter(pl.col("text").is_not_null() & (pl.col("text") != ""))
-                if frame.height:
-                    seen_text = True
-                    yield frame
-            next_line += n_lines
+                yield data, next_line
+            next_line += data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
             if last:
                 break
+
+
+def iter_line_chunks(
+    path: Path, chunk_bytes: int = 64 << 20, digest: "hashlib._Hash | None" = None
+) -> Iterator[pl.DataFrame]:
+    """The lines of ``path`` (plain or ``.gz``) in chunks of about ``chunk_bytes`` of text, each as columns
+    ``line`` (1-based Int64, exact across chunks) and ``text`` (CR and a leading BOM stripped). Blank lines
+    are dropped, their numbers kept for the others. Memory stays bounded by the chunk size whatever the
+    file size; ``digest``, when given, receives the file's raw bytes (compressed ones for ``.gz``).
+
+    Raises DataFormatError for a missing, empty, truncated or corrupt file.
+    """
+    seen_text = False
+    for data, first_line in iter_byte_chunks(path, chunk_bytes, digest):
+        frame = frame_of_lines(data, first_line, path)
+        if frame.height:
+            seen_text = True
+            yield frame
     if not seen_text:
         raise DataFormatError(path, "empty file (no non-blank lines)")

@@ -81,7 +81,7 @@ from torch import nn
 from autorecbench.errors import UserError
 from autorecbench.train.gumbel import TemperatureSchedule, gumbel_softmax
 from autorecbench.methods.base import MethodContext, OfflineLoop, register_method
-from autorecbench.methods.offline_common import BackboneMethod, check_positive
+from autorecbench.methods.offline_common import BackboneMethod, backbone_logits, check_positive
 from autorecbench.models.activations import tanh
 from autorecbench.models.backbones import logloss
 from autorecbench.models.layers import field_offsets
@@ -226,6 +226,7 @@ class AutoDim(BackboneMethod):
     fidelity = "faithful, deviations documented"
     deviations = ("spec is the survey (no official code); vs Hetu's code: affine BN starting at 1e-4, per-example "
                   "Gumbel draws, tanh after BN (all switches); first-order DARTS only")
+    handles_sequences = False  # its search embedding cannot look up the tables behaviour sequences share
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
@@ -289,13 +290,13 @@ class AutoDim(BackboneMethod):
             model.train()
             # First-order DARTS: α on a validation batch, the weights held fixed ...
             valid = loop.valid_batch()
-            (grad,) = torch.autograd.grad(logloss(task, model(valid.x), valid.label), [embedding.arch])
+            (grad,) = torch.autograd.grad(logloss(task, backbone_logits(model, valid), valid.label), [embedding.arch])
             loop.average([grad])  # torchrun: each process had its share of the validation batch
             embedding.arch.grad = grad
             arch_optimizer.step()
             # ... then the weights on the training batch, α held fixed.
             weight_optimizer.zero_grad()
-            loss = logloss(task, train_model(batch.x), batch.label)
+            loss = logloss(task, backbone_logits(train_model, batch), batch.label)
             loss.backward()
             embedding.arch.grad = None
             weight_optimizer.step()
@@ -303,7 +304,7 @@ class AutoDim(BackboneMethod):
 
         def predict(batch: OfflineBatch) -> torch.Tensor:
             model.eval()
-            return output_probabilities(self.ctx.task, model(batch.x))
+            return output_probabilities(self.ctx.task, backbone_logits(model, batch))
 
         fit = loop.fit("search", step, predict, model,
                        epochs=int(cfg.search_epochs) if cfg.search_epochs is not None else None,

@@ -57,7 +57,7 @@ from torch import nn
 from autorecbench.errors import UserError
 from autorecbench.train.grda import GRDA
 from autorecbench.methods.base import MethodContext, OfflineLoop, register_method
-from autorecbench.methods.offline_common import BackboneMethod, check_positive, model_overrides
+from autorecbench.methods.offline_common import BackboneMethod, backbone_logits, check_positive, model_overrides
 from autorecbench.models.backbones import FM, CTRBackbone, logloss
 from autorecbench.models.layers import pair_index
 from autorecbench.train.optim import SplitAdam
@@ -97,6 +97,7 @@ class AutoFIS(BackboneMethod):
     fidelity = "faithful, deviations documented"
     deviations = ("vs the official code: α fixed in the re-train (retrain_alpha=train), embedding 16 (40), no lr "
                   "decay (lr_decay=0.7), early-stopped re-train (runner.epochs=1), validation not test decides")
+    handles_sequences = False  # its gates cover the categorical field pairs, not pooled histories in DeepFM's FM
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
@@ -141,7 +142,7 @@ class AutoFIS(BackboneMethod):
     def _predictor(model: nn.Module) -> Any:
         def predict(batch: OfflineBatch) -> torch.Tensor:
             model.eval()
-            return torch.sigmoid(model(batch.x)[:, 0])
+            return torch.sigmoid(backbone_logits(model, batch)[:, 0])
         return predict
 
     # ------------------------------------------------------------ search (Eq. 26, GRDA + Adam)
@@ -161,7 +162,7 @@ class AutoFIS(BackboneMethod):
             model.train()
             adam.zero_grad()
             grda.zero_grad(set_to_none=True)
-            loss = logloss(self.ctx.task, train_model(batch.x), batch.label)
+            loss = logloss(self.ctx.task, backbone_logits(train_model, batch), batch.label)
             loss.backward()
             adam.step()  # everything but α
             grda.step()  # α, in the same step (one-level)

@@ -85,7 +85,7 @@ from autorecbench.errors import UserError
 from autorecbench.train.gumbel import TemperatureSchedule, gumbel_softmax
 from autorecbench.train.losses import CANDIDATES, LossOptions, candidate_losses, check_names, class_probs
 from autorecbench.methods.base import MethodContext, OfflineLoop, register_method
-from autorecbench.methods.offline_common import BackboneMethod, check_positive
+from autorecbench.methods.offline_common import BackboneMethod, backbone_logits, check_positive
 from autorecbench.models.backbones import logloss
 from autorecbench.models.layers import MLP
 
@@ -296,7 +296,7 @@ class AutoLoss(BackboneMethod):
             model = self.module()
             model.eval()
             with torch.no_grad():
-                logits = model(valid.x)
+                logits = backbone_logits(model, valid)
         # ŷ enters the controller as data; the losses carry the gradient (through W*(V) when ξ > 0).
         log_alpha = self.log_alpha(logits.detach(), valid.label)
         alpha = log_alpha.exp()
@@ -336,13 +336,13 @@ class AutoLoss(BackboneMethod):
         params = dict(model.named_parameters())
         buffers = {name: b.clone() for name, b in model.named_buffers()}
         model.train()
-        logits = functional_call(model, (params, buffers), (train.x,))
+        logits = functional_call(model, (params, buffers), (train.x, train.seq, train.seq_len))
         p = self._select(self.log_alpha(logits.detach(), train.label), tau)
         train_loss = self._weighted_loss(logits, train.label, p)
         grads = torch.autograd.grad(train_loss, list(params.values()), create_graph=True)
         unrolled = {name: w - self.cfg.xi * g for (name, w), g in zip(params.items(), grads)}
         model.eval()
-        return functional_call(model, (unrolled, dict(model.named_buffers())), (valid.x,))
+        return functional_call(model, (unrolled, dict(model.named_buffers())), (valid.x, valid.seq, valid.seq_len))
 
     def train_step(self, batch: OfflineBatch, loop: OfflineLoop) -> torch.Tensor:
         """One iteration of Algorithm 1: the controller on a validation batch when ``t % f == 0``, then the
@@ -353,7 +353,7 @@ class AutoLoss(BackboneMethod):
         model, optimizer = self.training_module(loop), self.optimizer
         assert optimizer is not None
         model.train()
-        logits = model(batch.x)
+        logits = backbone_logits(model, batch)
         tau = self.schedule(step)
         if self.weigher is not None:
             self.weigher.eval()  # "fix V": running statistics, no dropout, no update

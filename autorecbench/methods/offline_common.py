@@ -8,7 +8,7 @@ Registers no method itself.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -33,6 +33,12 @@ def embedding_tables(module: nn.Module | None) -> list[nn.Parameter]:
     return [m.weight for m in module.modules() if isinstance(m, nn.Embedding)]
 
 
+def backbone_logits(model: nn.Module, batch: OfflineBatch) -> torch.Tensor:
+    """A backbone's logits for a batch: its categorical codes and, where the data has them, its behaviour
+    sequences (a backbone that does not read sequences ignores them)."""
+    return model(batch.x, batch.seq, batch.seq_len)
+
+
 def check_positive(cfg: DictConfig, *keys: str) -> None:
     for key in keys:
         value = cfg.get(key)
@@ -55,9 +61,12 @@ class BackboneMethod(OfflineMethod):
     :meth:`adam`; the default ``train_step`` minimises the logloss (cross-entropy for 5 classes).
     ``method.embedding_optimizer`` (``lazy`` | ``dense``) and ``method.lr`` are read from the method config.
     Data-parallel under torchrun: the training forward pass goes through :meth:`training_module`.
+    A method whose search replaces the embedding layer or gates the field pairs sets ``handles_sequences``
+    False: it then refuses a backbone that reads behaviour sequences on data that has them.
     """
 
     data_parallel_refusal = None
+    handles_sequences: ClassVar[bool] = True
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
@@ -65,6 +74,7 @@ class BackboneMethod(OfflineMethod):
         self.model: CTRBackbone | None = None
         self.optimizer: SplitAdam | None = None
         self._parallel: tuple[nn.Module, nn.Module] | None = None  # (model, what the loop trains it through)
+        self._check_sequences(ctx)
 
     @classmethod
     def check_data_parallel(cls, cfg: DictConfig, backend: str) -> None:
@@ -72,6 +82,18 @@ class BackboneMethod(OfflineMethod):
         if backend == "nccl" and str(cfg.embedding_optimizer) == "lazy":
             raise UserError("method.embedding_optimizer=lazy gives sparse embedding gradients, which NCCL cannot "
                             "all-reduce: use dense (the backbones' default) for data-parallel runs on GPUs")
+
+    def _check_sequences(self, ctx: MethodContext) -> None:
+        """The backbone and the data agree on behaviour sequences, and the method can handle them."""
+        name = str(ctx.model_cfg.name)
+        backbone = model_class(name)
+        has_sequences = bool(ctx.schema.sequence_fields)
+        if getattr(backbone, "requires_sequences", False) and not has_sequences:
+            raise UserError(f"model={name} needs behaviour sequences (data=alimama or synthetic-alimama); "
+                            f"dataset {ctx.schema.dataset!r} has none")
+        if has_sequences and getattr(backbone, "uses_sequences", False) and not self.handles_sequences:
+            raise UserError(f"method {self.name} does not handle behaviour sequences: on {ctx.schema.dataset!r} run it "
+                            "with a backbone that ignores them (model=lr, fm or ipnn)")
 
     @property
     def sparse(self) -> bool:
@@ -90,7 +112,7 @@ class BackboneMethod(OfflineMethod):
         ctx = self.ctx
         cfg = model_cfg if model_cfg is not None else ctx.model_cfg
         return build_backbone(str(cfg.name), ctx.schema.fields, ctx.task, cfg, embedding=embedding,
-                              sparse=self.sparse).to(ctx.device)
+                              sparse=self.sparse, sequences=ctx.schema.sequence_fields).to(ctx.device)
 
     def adam(self, model: nn.Module, lr: float, exclude: Iterable[nn.Parameter] = ()) -> SplitAdam:
         """Adam over ``model``'s parameters except ``exclude`` (e.g. architecture weights with their own
@@ -118,7 +140,7 @@ class BackboneMethod(OfflineMethod):
         assert optimizer is not None
         model.train()
         optimizer.zero_grad()
-        loss = logloss(self.ctx.task, model(batch.x), batch.label)
+        loss = logloss(self.ctx.task, backbone_logits(model, batch), batch.label)
         loss.backward()
         optimizer.step()
         return loss.detach()
@@ -126,7 +148,7 @@ class BackboneMethod(OfflineMethod):
     def predict(self, batch: OfflineBatch) -> torch.Tensor:
         model = self.module()
         model.eval()
-        return output_probabilities(self.ctx.task, model(batch.x))
+        return output_probabilities(self.ctx.task, backbone_logits(model, batch))
 
     def field_dims(self) -> list[int]:
         """The embedding size of each field in the fit-stage model (empty without embeddings)."""

@@ -167,7 +167,11 @@ class TrainLoop:
                 continue
             assert self._valid_cycle is not None
             self._valid_cycle = (self._valid_cycle[0], self._valid_cycle[1] + 1)
-            return OfflineBatch(self.dist.share(batch.x), self.dist.share(batch.label))
+            if not self.dist.active:
+                return batch
+            share = self.dist.share
+            return OfflineBatch(share(batch.x), share(batch.label), {k: share(v) for k, v in batch.seq.items()},
+                                None if batch.seq_len is None else share(batch.seq_len))
         raise RuntimeError("empty validation split")
 
     def _valid_size(self) -> int:
