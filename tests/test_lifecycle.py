@@ -5,6 +5,7 @@ exit 2, before any work), liveness, and cache folders that are never deleted und
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -101,7 +102,7 @@ def test_guard_rules_against_brute_force() -> None:
     from autorecbench.data.schema import TaskSpec
     from autorecbench.errors import RunDiverged
     from autorecbench.runners.base import LifecycleConfig
-    from autorecbench.runners.guard import DivergenceGuard, constant_loss
+    from autorecbench.runners.guard import DivergenceGuard, chance_loss, constant_loss
 
     guard = DivergenceGuard("fit", LifecycleConfig(divergence_warmup=3), torch.device("cpu"))
     for step, loss in enumerate([0.7, 0.5, 60.0, 49.0], start=1):  # 60 > 100 x 0.5 but within the warm-up
@@ -112,9 +113,15 @@ def test_guard_rules_against_brute_force() -> None:
     p = 0.25
     expected = -(0.25 * torch.log(torch.tensor(p)) + 0.75 * torch.log(torch.tensor(1 - p)))
     assert constant_loss(TaskSpec.from_name("binary"), labels, labels) == pytest.approx(float(expected), rel=1e-6)
-    guard.evaluation(1, "valid split", "logloss", 1.49 * 0.5, 0.5)  # within the 50% margin
+    guard.evaluation(1, "valid split", "logloss", 1.49 * 0.5, 0.5, 0.2)  # within the 50% margin
     with pytest.raises(RunDiverged, match="worse than a constant"):
-        guard.evaluation(1, "valid split", "logloss", 1.51 * 0.5, 0.5)
+        guard.evaluation(1, "valid split", "logloss", 1.51 * 0.5, 0.5, 0.2)
+    # skewed labels: the constant's loss is small, an untrained model's (the uniform prediction's) is the bar
+    chance = chance_loss(TaskSpec.from_name("binary"))
+    assert chance == pytest.approx(math.log(2))
+    guard.evaluation(1, "valid split", "logloss", 1.49 * chance, 0.13, chance)
+    with pytest.raises(RunDiverged, match="uniform prediction"):
+        guard.evaluation(1, "valid split", "logloss", 1.51 * chance, 0.13, chance)
     with pytest.raises(RunDiverged, match="non-finite prediction"):
         guard.observe(6, torch.tensor(0.5), torch.tensor([0.5, float("nan")]))
 

@@ -76,7 +76,7 @@ class DatasetConfig:
     split_seed: int = 2018
     split_ratio: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
     # CTR families (``ctr.CTROptions`` documents them).
-    min_count: int = 1
+    min_count: int | None = 1  # None: the family's preset decides (Alimama)
     int_transform: str = "log_square"
     int_missing: str = "own"
     skip_bad_rows: bool = False
@@ -145,7 +145,7 @@ class DatasetConfig:
 
         return CTROptions(
             split=self.split, split_seed=self.split_seed, split_ratio=tuple(self.split_ratio),
-            min_count=self.min_count, int_transform=self.int_transform, int_missing=self.int_missing,
+            min_count=1 if self.min_count is None else self.min_count, int_transform=self.int_transform, int_missing=self.int_missing,
             skip_bad_rows=self.skip_bad_rows, fields=tuple(self.fields) if self.fields is not None else None,
             user_field=self.user_field, days=tuple(self.days) if self.days is not None else None,
             chunk_bytes=self.chunk_bytes, negative_keep_rate=float(self.negative_keep_rate),
@@ -329,7 +329,7 @@ def _ctr_formats() -> Collection[str]:
 
 
 def _click_schema(cfg: DatasetConfig, paths: list[Path], digests: list[str], source: SourceSpec, fingerprint: str,
-                  built: Any, *, user_field: str | None, expected: dict[str, int] | None,
+                  built: Any, *, options: dict[str, Any], user_field: str | None, expected: dict[str, int] | None,
                   sequence_fields: list[FieldSpec] | None = None, extra: dict[str, Any] | None = None) -> Schema:
     """The schema of a click dataset from its build record (``ctr.CTRBuild``, ``alimama.AlimamaBuild``)."""
     files = []
@@ -338,6 +338,7 @@ def _click_schema(cfg: DatasetConfig, paths: list[Path], digests: list[str], sou
         files.append({"path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest})
     day_seconds = 86_400
     span = built.day_span
+    dropped = int(getattr(built, "negatives_dropped", 0))  # negative down-sampling (CTR formats only)
     return Schema(
         dataset=cfg.name,
         family=cfg.family,
@@ -348,8 +349,8 @@ def _click_schema(cfg: DatasetConfig, paths: list[Path], digests: list[str], sou
         time_max=(span[1] + 1) * day_seconds - 1 if span else 0,
         rating_values=[],
         source={**{k: v for k, v in files[0].items()}, "format": source.format, "files": files},
-        options={**cfg.ctr_options().recorded_options(), "generator": cfg.generator},
-        rows_in_file=built.n_rows + built.skipped_rows + built.negatives_dropped,
+        options=options,
+        rows_in_file=built.n_rows + built.skipped_rows + dropped,
         created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         cache_version=CACHE_VERSION,
         expected=expected,
@@ -359,7 +360,7 @@ def _click_schema(cfg: DatasetConfig, paths: list[Path], digests: list[str], sou
             "skipped_rows": built.skipped_rows,
             "first_skipped": built.first_skipped,
             "vocab_kept": built.vocab_kept,
-            "negatives_dropped": built.negatives_dropped,
+            "negatives_dropped": dropped,
             **(extra or {}),
         },
         label="click",
@@ -376,6 +377,7 @@ def _build_ctr(cfg: DatasetConfig, paths: list[Path], source: SourceSpec, finger
     fmt = ctr_formats()[source.format](cfg.ctr_options())
     built = build_ctr(fmt, paths, out)
     schema = _click_schema(cfg, paths, built.sha256, source, fingerprint, built, user_field=cfg.user_field,
+                           options={**cfg.ctr_options().recorded_options(), "generator": cfg.generator},
                            expected=cfg.expected)
     schema.save(out / "schema.json")
     return schema
@@ -393,7 +395,7 @@ def _build_alimama(cfg: DatasetConfig, paths: list[Path], source: SourceSpec, fi
     sequences = [FieldSpec(name, cardinality=dict(built.fields)[shared], kind="sequence", shares_table_with=shared,
                            length=length) for name, shared, length in built.sequences]
     schema = _click_schema(cfg, paths, [built.sha256[p.name.removesuffix(".gz")] for p in paths], source, fingerprint,
-                           built, user_field="userid", sequence_fields=sequences,
+                           built, options=cfg.options(), user_field="userid", sequence_fields=sequences,
                            expected=cfg.expected if cfg.expected is not None else PRESET_EXPECTED[options.preset],
                            extra={"preset": options.preset, "length_column": LENGTH_COLUMN, **built.counts})
     schema.save(out / "schema.json")

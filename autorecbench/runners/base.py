@@ -42,7 +42,7 @@ class LifecycleConfig:
     whatever the model's size). ``null`` turns either rule off.
     ``divergence_factor``: the run diverged when a training loss exceeds this many times its running minimum
     after ``divergence_warmup`` batches/steps; ``divergence_margin``: ... or when an evaluation's logloss (CE for
-    5 classes) is worse than a constant prediction's by more than this fraction (``runners/guard.py``). ``null``
+    5 classes) is worse than both a constant prediction's and the uniform prediction's by more than this fraction (``runners/guard.py``). ``null``
     turns a rule off; a non-finite loss or prediction always stops the run.
     """
 

@@ -52,6 +52,12 @@ def constant_loss(task: TaskSpec, rate_labels: torch.Tensor, labels: torch.Tenso
     return evaluation_loss(task, pred, labels)
 
 
+def chance_loss(task: TaskSpec) -> float:
+    """The logloss (CE) of the uniform prediction (1/2, 1/C): where an untrained model starts, so an evaluation
+    near it is not a divergence, however skewed the labels (a 3% click rate's constant logloss is 0.13)."""
+    return math.log(2 if task.is_binary else task.n_classes)
+
+
 class DivergenceGuard:
     """One stage's guard (``stage`` names it in the record). :meth:`observe` each training loss;
     :meth:`evaluation` each evaluation; :meth:`flush` before anything that must not hold a diverged state (a
@@ -115,13 +121,16 @@ class DivergenceGuard:
             row = first_row + int((~finite).nonzero()[0])
             raise RunDiverged(self.stage, step, f"non-finite prediction (row {row})")
 
-    def evaluation(self, step: int, where: str, metric: str, value: float, constant: float) -> None:
-        """An evaluation's ``metric`` against a constant prediction's (``where``: e.g. ``valid split``)."""
+    def evaluation(self, step: int, where: str, metric: str, value: float, constant: float, chance: float) -> None:
+        """An evaluation's ``metric`` against the worse of a constant prediction's (the label rate) and the
+        uniform prediction's (:func:`chance_loss`) (``where``: e.g. ``valid split``)."""
         if not math.isfinite(value):
             raise RunDiverged(self.stage, step, f"non-finite {metric} on the {where}")
-        if self.margin is not None and value > (1 + self.margin) * constant:
+        reference = max(constant, chance)
+        if self.margin is not None and value > (1 + self.margin) * reference:
             raise RunDiverged(self.stage, step, f"{metric} {value:.4g} on the {where} is worse than a constant "
-                              f"prediction's {constant:.4g} by more than {self.margin:.0%} (runner.divergence_margin)")
+                              f"prediction's {constant:.4g} and the uniform prediction's {chance:.4g} by more than "
+                              f"{self.margin:.0%} (runner.divergence_margin)")
 
     def state(self) -> dict[str, Any]:
         self.flush()

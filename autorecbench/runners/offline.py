@@ -37,7 +37,7 @@ from autorecbench.metrics import group_auc, task_metrics
 from autorecbench.methods.base import FitResult
 from autorecbench.runners.base import (LifecycleConfig, NoControl, ProgressLike, RunControl, RunOutput, Runner,
                                        register_runner)
-from autorecbench.runners.guard import DivergenceGuard, constant_loss, loss_metric
+from autorecbench.runners.guard import DivergenceGuard, chance_loss, constant_loss, loss_metric
 from autorecbench.train.distributed import Distributed, current
 from autorecbench.train.state import restore, rng_state, set_rng_state
 
@@ -326,7 +326,8 @@ class TrainLoop:
             self.history += [{**row, "split": "valid", "metric": m, "value": v} for m, v in metrics.items()]
             fit.evaluations += 1
             metric = loss_metric(self.task)
-            guard.evaluation(self.step, "valid split", metric, metrics[metric], self.constant_loss())
+            guard.evaluation(self.step, "valid split", metric, metrics[metric], self.constant_loss(),
+                             chance_loss(self.task))
             value = metrics.get(cfg.monitor, math.nan)
             if _better(value, fit.best, mode, cfg.min_delta):
                 fit.best, fit.best_epoch, fit.best_step, fit.stale = value, epoch_done, self.step, 0

@@ -28,7 +28,7 @@ from autorecbench.errors import UserError
 from autorecbench.methods.base import StreamingMethod
 from autorecbench.metrics import bucket_bounds, bucket_label, frequency_bucket, task_metrics
 from autorecbench.runners.base import LifecycleConfig, NoControl, RunControl, RunOutput, Runner, register_runner
-from autorecbench.runners.guard import DivergenceGuard, constant_loss, evaluation_loss, loss_metric
+from autorecbench.runners.guard import DivergenceGuard, chance_loss, constant_loss, evaluation_loss, loss_metric
 from autorecbench.train.state import rng_state, set_rng_state
 
 STAGE = "stream"
@@ -212,7 +212,7 @@ class StreamingRunner:
         label = stream.label[start:end]
         value = evaluation_loss(stream.task, predictions[start:end], label)
         guard.evaluation(index + 1, f"stream rows {start}-{end}", loss_metric(stream.task), value,
-                         constant_loss(stream.task, label, label))
+                         constant_loss(stream.task, label, label), chance_loss(stream.task))
 
     @staticmethod
     def _metrics(stream: Stream, predictions: torch.Tensor, window: EvalWindow) -> list[dict[str, Any]]:
