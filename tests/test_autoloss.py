@@ -183,7 +183,7 @@ def _one_controller_step(root: Path, *extra: str) -> tuple[AutoLoss, dict[str, t
     batch = next(s.data.train.batches(200, torch.Generator().manual_seed(0)))
     drs = _snapshot(method.module())
     drs_optimizer = [dict(o.state) for o in method.optimizer.optimizers]
-    method._controller_step(loop.valid_batch(), batch, 0)
+    method._controller_step(loop.valid_batch(), batch, 0, loop)
     assert _changed(drs, method.module()) == set()  # the virtual step writes nothing: W and BN statistics stay
     assert [dict(o.state) for o in method.optimizer.optimizers] == drs_optimizer
     return method, _snapshot(method.weigher), drs
@@ -230,7 +230,7 @@ def test_second_order_gradient_matches_finite_differences(tmp_path: Path) -> Non
     train.label, valid.label = train.label.double(), valid.label.double()
     captured: dict[str, torch.Tensor] = {}
     method.weigher_optimizer.step = lambda: captured.update(g=method.weigher.logits.grad.clone())  # type: ignore[method-assign]
-    method._controller_step(valid, train, 0)
+    method._controller_step(valid, train, 0, loop)
     v = method.weigher.logits.detach().clone()
     h = 1e-5
     numeric = torch.zeros_like(v)

@@ -15,7 +15,7 @@ import torch
 from conftest import REPO, one_line_error, read_run, run_cli, run_folders
 
 from autorecbench.config import compose, validate
-from autorecbench.data.offline import OfflineData, SplitData, _shard
+from autorecbench.data.offline import OfflineData, Sequences, SplitData, _shard
 from autorecbench.data.schema import TaskSpec
 from autorecbench.errors import UserError
 from autorecbench.execute import execute
@@ -149,10 +149,16 @@ def test_shards_partition_the_training_rows() -> None:
             for rank in range(world):
                 xs = {s: np.arange(n).reshape(-1, 1) for s in ("train", "valid", "test")}
                 labels = {s: np.arange(n) for s in ("train", "valid", "test")}
-                info = _shard(xs, labels, rank, world)
+                sequences = {s: Sequences({"hist": np.arange(n * 3).reshape(n, 3)}, np.arange(n) % 3)
+                             for s in ("train", "valid", "test")}
+                info = _shard(xs, labels, sequences, rank, world)
                 seen += xs["train"][:, 0].tolist()
                 sizes.add(len(xs["train"]))
                 assert (xs["train"][:, 0] == labels["train"]).all()
+                for s in ("train", "valid", "test"):  # the behaviour sequences follow their rows
+                    rows = xs[s][:, 0]
+                    assert (sequences[s].items["hist"][:, 0] == rows * 3).all()
+                    assert (sequences[s].lengths == rows % 3).all()
                 assert len(xs["valid"]) == n and len(xs["test"]) == (n if rank == 0 else 0)  # rank 0 alone tests
             per = n // world
             assert sizes == {per}  # the same number of steps on every process

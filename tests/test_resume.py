@@ -44,6 +44,8 @@ OFFLINE = {
     "autofis": (["model=fm", "method.search_epochs=1"], 5),
     "autoloss": (["model=deepfm"], 13),
     "autodim": (["model=fm", "method.search_epochs=1", "method.candidates=[2,8]"], 15),
+    "autoias": (["method.budget=quick", "method.search_epochs=1", "method.students=2", "method.reward_samples=2",
+                 "method.probe_architectures=2"], 5),
 }
 TIMING_KEYS = ("controller_seconds",)
 
@@ -61,6 +63,8 @@ def tables(folder: Path) -> dict[str, object]:
         out[path.stem] = frame.filter(pl.col("split") != "cost") if path.stem == "metrics" else frame
     arch = json.loads((folder / "architecture.json").read_text())
     out["architecture"] = {k: v for k, v in arch.items() if k not in TIMING_KEYS}
+    if isinstance(arch.get("cost"), dict):  # AutoIAS: inference QPS is measured, not computed
+        out["architecture"]["cost"] = {k: v for k, v in arch["cost"].items() if k != "qps"}
     return out
 
 

@@ -460,8 +460,10 @@ class ChildNet(nn.Module):
             previous = width
         self.head = nn.Linear(previous, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [B, n]`` -> ``[B, 1]`` logits."""
+    def forward(self, x: torch.Tensor, seq: dict[str, torch.Tensor] | None = None,
+                seq_len: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [B, n]`` -> ``[B, 1]`` logits. Behaviour sequences (``seq``, ``seq_len``) are not in Table 3's
+        space: the derived network reads the categorical fields only."""
         embedded = [g.table(x[:, g.fields] + g.offsets) for g in self.fields]
         banks: dict[int, list[torch.Tensor]] = defaultdict(list)
         for g in self.projections:
@@ -646,19 +648,21 @@ class AutoIAS(BackboneMethod):
                 reinforce_loss(sampled.log_prob, reward).backward()
                 generator_optimizer.step()
                 sums[3] += tau.mean()
+            state["now"] = loop.step + 1  # the runner's step count once it has counted this one
             return total / n_students
 
         derived: dict[int, Architecture] = {}
-        state = {"step": -1, "since": 0}
+        # The runner's step (``now``) is tracked here, not read from the loop: ``predict`` must not hold the loop
+        # (its closure is written into checkpoints, and a loop holds live iterators).
+        state = {"step": -1, "since": 0, "now": 0}
 
-        def start_evaluation(loop: OfflineLoop) -> None:
+        def start_evaluation(now: int) -> None:
             """A new runner evaluation: derive a*, record the interval's training numbers and the probe."""
             with torch.no_grad():
-                derived[loop.step] = self._derive(loop.step - state["since"], generator, supernet, valid_x, valid_y,
-                                                  rng)
+                derived[now] = self._derive(now - state["since"], generator, supernet, valid_x, valid_y, rng)
                 counts = sums.tolist()
                 steps = max(counts[4], 1)
-                row = {"step": loop.step, "teacher_loss": counts[0] / steps if kd else math.nan,
+                row = {"step": now, "teacher_loss": counts[0] / steps if kd else math.nan,
                        "student_loss": counts[1] / steps, "student_hard_loss": counts[2] / steps / n_students,
                        "reward_auc": counts[3] / steps if use_generator else math.nan,
                        "baseline_auc": float(baseline.value) if baseline.value is not None else math.nan}
@@ -670,12 +674,13 @@ class AutoIAS(BackboneMethod):
                         logits, valid_y[None].expand_as(logits).float()))
                 self.search_rows.append(row)
                 sums.zero_()
-            state["step"], state["since"] = loop.step, loop.step
+            state["step"], state["since"] = now, now
 
         def predict(batch: OfflineBatch) -> torch.Tensor:
-            if loop.step != state["step"]:
-                start_evaluation(loop)
-            return torch.sigmoid(supernet(batch.x, space.decode(derived[loop.step]))[0])
+            now = state["now"]
+            if now != state["step"]:
+                start_evaluation(now)
+            return torch.sigmoid(supernet(batch.x, space.decode(derived[now]))[0])
 
         fit = loop.fit("search", step, predict, _Pair(supernet, generator),
                        epochs=int(cfg.search_epochs) if cfg.search_epochs is not None else None,
