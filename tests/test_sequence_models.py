@@ -1,6 +1,6 @@
 """Behaviour sequences in the offline pipeline: Dice, masked pooling and DIN's local activation unit against
 brute force, the backbones' use of the histories, sequence batches, method compatibility, the CLI end to end
-on synthetic Alimama data, and (slow) the planted truth: DIN beats the sum-pooling DNN only when the click
+on synthetic Alimama data, and (slow) the planted truth: DIN should beat the sum-pooling DNN only when the click
 signal lives in the sequence."""
 
 from __future__ import annotations
@@ -210,3 +210,32 @@ def test_same_seed_same_numbers(root: Path) -> None:
     first = run(root, overrides)[1]
     second = run(root, overrides)[1]
     assert first.headline == second.headline and first.metrics == second.metrics
+
+
+# ---------------------------------------------------------------- planted truth (slow: 12 runs, 92 s)
+
+@pytest.fixture(scope="module")
+def planted_aucs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[float, str], float]:
+    """Mean test AUC over seeds 0–2 of DIN and DNN on the default synthetic-alimama file (200k samples, T = 20)
+    with the sequence signal (interest_strength 2) and without (0, the control): the README's table."""
+    root = tmp_path_factory.mktemp("planted")
+    aucs = {(strength, model): [float(run(root, ["data=synthetic-alimama", f"model={model}",
+                                                 f"data.generator.interest_strength={strength}"],
+                                          seed=seed)[1].headline["auc"]) for seed in range(3)]
+            for strength in (2.0, 0.0) for model in ("din", "dnn")}
+    print({k: [round(a, 4) for a in v] for k, v in aucs.items()})
+    return {k: sum(v) / len(v) for k, v in aucs.items()}
+
+
+@pytest.mark.slow
+def test_without_the_sequence_signal_din_and_dnn_are_within_0_01(planted_aucs: dict[tuple[float, str], float]
+                                                                   ) -> None:
+    assert abs(planted_aucs[0.0, "din"] - planted_aucs[0.0, "dnn"]) <= 0.01
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="measured: DIN 0.7155 vs DNN 0.7130 (+0.0025); neither learns the interest "
+                                       "term (oracle 0.821, without it 0.735). See the README.")
+def test_din_beats_the_pooling_dnn_through_the_sequence_signal(planted_aucs: dict[tuple[float, str], float]) -> None:
+    # the control file fails this (DIN ≈ DNN there), and so does DNN in DIN's place
+    assert planted_aucs[2.0, "din"] >= planted_aucs[2.0, "dnn"] + 0.03
