@@ -13,16 +13,62 @@ from autorecbench.data.schema import TaskSpec
 from autorecbench.errors import UserError
 
 
+@dataclass
+class BatchGroups:
+    """A batch's rows grouped by id, with static shapes only (``[rows]`` tensors, no host synchronisation):
+    one stable sort, a cumulative sum and segment sums, so a step built on it can be compiled with
+    ``fullgraph=True`` or captured in a CUDA graph.
+
+    ``group``: each row's group (distinct ids numbered 0, 1, ... in increasing id order; fewer groups than rows
+    leave the top numbers unused); ``rank``: the row's 0-based rank among its id's rows (row order); ``count``:
+    how many rows its id has; ``last_row``: the index of its id's last row.
+    """
+
+    group: torch.Tensor
+    rank: torch.Tensor
+    count: torch.Tensor
+    last_row: torch.Tensor
+
+    @property
+    def leader(self) -> torch.Tensor:
+        """Each id's first row."""
+        return self.rank == 0
+
+    @property
+    def last(self) -> torch.Tensor:
+        """Each id's last row."""
+        return self.rank == self.count - 1
+
+    def per_group_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Each row's group total of ``values`` (``[rows, ...]``; rows summed in row order)."""
+        sums = values.new_zeros(values.shape).index_add_(0, self.group, values)
+        return sums.index_select(0, self.group)
+
+
+def batch_groups(ids: torch.Tensor) -> BatchGroups:
+    """:class:`BatchGroups` of ``ids`` (int64 ``[rows]``)."""
+    n = ids.numel()
+    row = torch.arange(n, device=ids.device)
+    order = torch.sort(ids, stable=True).indices
+    ordered = ids.index_select(0, order)
+    new = torch.ones(n, dtype=torch.bool, device=ids.device)
+    new[1:] = ordered[1:] != ordered[:-1]
+    group_sorted = torch.cumsum(new, 0) - 1
+    start_sorted = torch.cummax(torch.where(new, row, 0), 0).values  # position of each run's first row
+    sizes = torch.zeros(n, dtype=torch.int64, device=ids.device).index_add_(0, group_sorted, torch.ones_like(row))
+    group = torch.empty_like(row).index_copy_(0, order, group_sorted)
+    rank = torch.empty_like(row).index_copy_(0, order, row - start_sorted)
+    count = sizes.index_select(0, group)
+    last = rank == count - 1
+    last_of_group = torch.zeros_like(row).index_add_(0, group, torch.where(last, row, 0))  # one term per group
+    return BatchGroups(group, rank, count, last_of_group.index_select(0, group))
+
+
 def within_batch_rank(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For each row: its 0-based rank among the rows with the same id (in row order), and how many rows that id
-    has. One stable sort, no loops."""
-    order = torch.sort(ids, stable=True).indices
-    _, inverse, counts = torch.unique_consecutive(ids[order], return_inverse=True, return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts
-    rank, count = torch.empty_like(ids), torch.empty_like(ids)
-    rank[order] = torch.arange(ids.numel(), device=ids.device) - starts[inverse]
-    count[order] = counts[inverse]
-    return rank, count
+    has. One stable sort, no loops, static shapes (:func:`batch_groups`)."""
+    groups = batch_groups(ids)
+    return groups.rank, groups.count
 
 
 def occurrence_index(ids: torch.Tensor) -> torch.Tensor:

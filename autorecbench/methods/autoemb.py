@@ -28,6 +28,8 @@ Choices left open, as config values (``conf/method/autoemb.yaml``), defaults fro
   ``zeros`` starts them at 0.
 - ``norm_affine: shared`` (as DARTS); ``frequency_encoding: exact`` with ``frequency_dim: 32`` (see
   :mod:`autorecbench.models.controller`), ``hidden: 512``, ``validation``, ``init_std``.
+- ``static_shapes: auto`` (CUDA: true, CPU: false): the tables' rows are gathered copies stepped by
+  :class:`~autorecbench.train.optim.RowAdam` with ``true`` (as DARTS, :mod:`autorecbench.methods.darts`).
 """
 
 from __future__ import annotations
@@ -37,10 +39,10 @@ from torch import nn
 
 from omegaconf import DictConfig
 
-from autorecbench.data.stream import StreamBatch
+from autorecbench.data.stream import StreamBatch, batch_groups
 from autorecbench.errors import UserError
 from autorecbench.methods.base import MethodContext, register_method, set_training
-from autorecbench.methods.sizesearch import FIELDS, SoftSelectionMethod, last_rows
+from autorecbench.methods.sizesearch import FIELDS, SoftSelectionMethod
 from autorecbench.models.controller import FrequencyEncoder, StateMLP
 from autorecbench.train.optim import flat_adam, tensor_bytes
 
@@ -91,10 +93,9 @@ class AutoEmb(SoftSelectionMethod):
                             f"got {cfg.initial_previous!r}")
 
     def after_training(self, batch: StreamBatch, weights: dict[str, torch.Tensor]) -> None:
-        for f in FIELDS:
+        for f in FIELDS:  # every row writes its entity's last row's weights: static shapes, one value per entity
             ids = self._ids(batch, f)[0]
-            last = last_rows(ids)
-            self.previous[f][ids[last]] = weights[f][last]
+            self.previous[f].index_copy_(0, ids, weights[f].index_select(0, batch_groups(ids).last_row))
 
     def state_bytes(self, field: str) -> int:
         return tensor_bytes(self.previous[field])

@@ -313,6 +313,21 @@ def set_training(module: nn.Module, training: bool) -> nn.Module:
     return module
 
 
+STATIC_SHAPES = ("auto", "true", "false")
+
+
+def static_shapes(cfg: DictConfig, device: torch.device) -> bool:
+    """Whether a streaming method takes its static-shape step (``method.static_shapes``): every tensor of the
+    per-batch step has a shape fixed by the batch size, and nothing is read back to the host, so the step can be
+    compiled with ``fullgraph=True`` or replayed from a CUDA graph (``runner.cuda_graphs``). ``auto``: on CUDA
+    devices; on the CPU the data-dependent step (distinct entities and states only) is faster. The two steps
+    compute the same function and differ by float rounding (each method's docstring says where)."""
+    value = str(cfg.get("static_shapes", "auto")).lower()
+    if value not in STATIC_SHAPES:
+        raise UserError(f"method.static_shapes must be one of {', '.join(STATIC_SHAPES)}, got {value!r}")
+    return device.type == "cuda" if value == "auto" else value == "true"
+
+
 def register_method(cls: type[Method]) -> type[Method]:
     """Register ``cls`` under its name for each protocol it declares."""
     if cls.fidelity not in FIDELITY_LEVELS:

@@ -27,6 +27,10 @@ Choices the paper leaves open, as config values (``conf/method/darts.yaml``), de
   ``BatchNorm1d`` applied to each size's block) before tanh (survey Eq. 19-20: "magnitude-comparable");
   ``per_size``: one per size.
 - ``validation: last_batch`` or ``history``; ``init_std: 1.0`` (N(0, 1) embeddings); α initialised equal.
+- ``static_shapes: auto`` (CUDA: true, CPU: false): with ``true`` and lazy Adam the tables' and α's rows are
+  gathered copies stepped by :class:`~autorecbench.train.optim.RowAdam` (SparseAdam's arithmetic without
+  sparse tensors), so the step compiles with ``fullgraph=True`` and replays from a CUDA graph; the same update up
+  to the order of float additions of duplicate rows' gradients.
 """
 
 from __future__ import annotations
@@ -34,10 +38,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from autorecbench.data.stream import StreamBatch
+from autorecbench.data.stream import StreamBatch, batch_groups
 from autorecbench.methods.base import MethodContext, register_method
 from autorecbench.methods.sizesearch import FIELDS, SoftSelectionMethod
-from autorecbench.train.optim import SplitAdam, tensor_bytes
+from autorecbench.train.optim import RowAdam, SplitAdam, tensor_bytes
 
 
 @register_method
@@ -57,10 +61,35 @@ class Darts(SoftSelectionMethod):
         for table in self.alpha.values():
             nn.init.zeros_(table.weight)  # softmax(0) = uniform over the sizes
         self.alpha.to(ctx.device)
-        self.search_optimizer = SplitAdam(self.search_parameters(), [], float(ctx.cfg.search_lr), mode, flat=True)
+        if self.static:  # α's rows are gathered copies, stepped by RowAdam (static shapes)
+            self.search_optimizer = RowAdam([t.weight.detach() for t in self.alpha.values()], float(ctx.cfg.search_lr))
+        else:
+            self.search_optimizer = SplitAdam(self.search_parameters(), [], float(ctx.cfg.search_lr), mode, flat=True)
+        self._alpha_rows: dict[str, torch.Tensor] = {}  # the static search step's gathered α rows...
+        self._alpha_grads: tuple[torch.Tensor, ...] = ()  # ...and their gradients
 
     def weights(self, field: str, batch: StreamBatch, train: bool = False) -> torch.Tensor:
-        return torch.softmax(self.alpha[field](self._ids(batch, field)[0]), dim=1)
+        ids = self._ids(batch, field)[0]
+        if not (self.static and train):
+            return torch.softmax(self.alpha[field](ids), dim=1)
+        rows = self.alpha[field].weight.detach().index_select(0, ids).requires_grad_()
+        self._alpha_rows = {**self._alpha_rows, field: rows}  # a new dict: no mutation outlives the step
+        return torch.softmax(rows, dim=1)
+
+    def search_backward(self, loss: torch.Tensor) -> None:
+        if not self.static:
+            return super().search_backward(loss)
+        # autograd.grad, not backward(inputs=...): the α rows are created inside the step (fullgraph tracing)
+        self._alpha_grads = torch.autograd.grad(loss, [self._alpha_rows[f] for f in FIELDS])
+
+    def search_update(self, valid: StreamBatch) -> None:
+        if not self.static:
+            return super().search_update(valid)
+        step = self.search_optimizer.advance()
+        for k, f in enumerate(FIELDS):
+            ids = self._ids(valid, f)[0]
+            self.search_optimizer.update(k, ids, self._alpha_grads[k], batch_groups(ids), step)
+        self._alpha_rows, self._alpha_grads = {}, ()  # nothing of the step outlives it
 
     def entity_weights(self, field: str) -> torch.Tensor:
         return torch.softmax(self.alpha[field].weight.detach(), dim=1)

@@ -16,6 +16,11 @@ protocol, each with the switch that undoes it:
 
 Choices the paper leaves open, as config values (``conf/method/fixed.yaml``):
 - ``init_std: 1.0``: tables start N(0, 1), PyTorch's embedding default, which the official code keeps.
+- ``static_shapes: auto`` (CUDA: true, CPU: false): with ``true`` and lazy Adam the tables are read by plain
+  gathers and stepped by :class:`~autorecbench.train.optim.RowAdam` (SparseAdam's arithmetic, static shapes, the
+  step count on the device) instead of sparse gradients and ``torch.optim.SparseAdam`` (whose ``coalesce`` has a
+  data-dependent shape), so the step compiles with ``fullgraph=True`` and replays from a CUDA graph. The same
+  update up to the order of float additions of duplicate rows' gradients.
 - The rating model's parameters step with :class:`~autorecbench.train.optim.FlatAdam` (one fused Adam kernel over a
   flat buffer; gradients zeroed between steps, as the official code's PyTorch 1.x ``zero_grad()``).
 """
@@ -27,13 +32,14 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from autorecbench.data.stream import StreamBatch, StreamHistory
+from autorecbench.data.stream import StreamBatch, StreamHistory, batch_groups
 from autorecbench.errors import UserError
-from autorecbench.methods.base import MemoryReport, MethodContext, StreamingMethod, register_method, set_training
+from autorecbench.methods.base import (MemoryReport, MethodContext, StreamingMethod, register_method, set_training,
+                                       static_shapes)
 from autorecbench.methods.offline_common import BackboneMethod
 from autorecbench.models.registry import model_class
 from autorecbench.models.rating import output_probabilities, per_example_loss, reduce_loss
-from autorecbench.train.optim import SplitAdam, check_mode, embedding_table, tensor_bytes
+from autorecbench.train.optim import RowAdam, SplitAdam, check_mode, embedding_table, tensor_bytes
 
 
 @register_method
@@ -49,8 +55,11 @@ class Fixed(StreamingMethod):
         cfg, model_cfg = ctx.cfg, ctx.model_cfg
         self.dim = int(cfg.embedding_dim)
         mode = str(cfg.embedding_optimizer)
-        self.user_table = embedding_table(ctx.schema.n_users, self.dim, mode, float(cfg.init_std))
-        self.item_table = embedding_table(ctx.schema.n_items, self.dim, mode, float(cfg.init_std))
+        # Static-shape step (lazy Adam only; dense Adam is static already): gathered rows, RowAdam.
+        self.static = static_shapes(cfg, ctx.device) and mode == "lazy"
+        table_mode = "dense" if self.static else mode  # no sparse gradients: the rows are gathered copies
+        self.user_table = embedding_table(ctx.schema.n_users, self.dim, table_mode, float(cfg.init_std))
+        self.item_table = embedding_table(ctx.schema.n_items, self.dim, table_mode, float(cfg.init_std))
         self.model = model_class(str(model_cfg.name))(
             n_fields=2,
             dim=self.dim,
@@ -62,13 +71,15 @@ class Fixed(StreamingMethod):
         self.reduction = str(model_cfg.loss_reduction)
         for module in (self.user_table, self.item_table, self.model):
             module.to(ctx.device)
-        self.optimizer = SplitAdam(
-            [self.user_table.weight, self.item_table.weight], self.model.parameters(), float(cfg.lr), mode, flat=True
-        )
+        tables = [self.user_table.weight, self.item_table.weight]
+        self.optimizer = SplitAdam([] if self.static else tables, self.model.parameters(), float(cfg.lr), mode,
+                                   flat=True)
+        self.row_adam = RowAdam([t.detach() for t in tables], float(cfg.lr)) if self.static else None
 
     @classmethod
     def check_config(cls, cfg: DictConfig) -> None:
         check_mode(str(cfg.embedding_optimizer))
+        static_shapes(cfg, torch.device("cpu"))
         if int(cfg.embedding_dim) < 1:
             raise UserError(f"method.embedding_dim must be >= 1, got {cfg.embedding_dim}")
         if float(cfg.lr) <= 0:
@@ -85,11 +96,23 @@ class Fixed(StreamingMethod):
         """One Adam step on ``batch``; returns the logits of the forward pass (before the step) and the loss."""
         set_training(self.model, True)
         self.optimizer.zero_grad()
-        logits = self._logits(batch)
+        if self.row_adam is None:
+            logits = self._logits(batch)
+        else:
+            ids = (batch.user, batch.item)
+            rows = [t.weight.detach().index_select(0, i).requires_grad_() for t, i in zip(self.tables(), ids)]
+            logits = self.model(rows)
         loss = reduce_loss(per_example_loss(self.ctx.task, logits, batch.label), self.reduction)
         loss.backward()
         self.optimizer.step()
+        if self.row_adam is not None:
+            step = self.row_adam.advance()
+            for k, (i, r) in enumerate(zip(ids, rows)):
+                self.row_adam.update(k, i, r.grad, batch_groups(i), step)
         return logits.detach(), loss.detach()
+
+    def tables(self) -> tuple[torch.nn.Embedding, torch.nn.Embedding]:
+        return self.user_table, self.item_table
 
     def learn(self, batch: StreamBatch, history: StreamHistory) -> torch.Tensor:
         return self.learn_with_logits(batch, history)[1]
@@ -103,7 +126,8 @@ class Fixed(StreamingMethod):
         embedding = sum(t.numel() for t in tables)
         return MemoryReport(
             embedding_bytes=sum(tensor_bytes(t) for t in tables),
-            embedding_optimizer_bytes=self.optimizer.embedding_state_bytes(),
+            embedding_optimizer_bytes=(self.optimizer.embedding_state_bytes() if self.row_adam is None
+                                       else self.row_adam.state_bytes()),
             parameters=embedding + dense,
             embedding_parameters=embedding,
             dims={

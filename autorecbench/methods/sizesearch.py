@@ -34,15 +34,15 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from autorecbench.data.stream import StreamBatch, StreamHistory, within_batch_rank
+from autorecbench.data.stream import StreamBatch, StreamHistory, batch_groups
 from autorecbench.errors import UserError
-from autorecbench.methods.base import MemoryReport, MethodContext, StreamingMethod, set_training
+from autorecbench.methods.base import MemoryReport, MethodContext, StreamingMethod, set_training, static_shapes
 from autorecbench.metrics import bucket_bounds, bucket_label, frequency_bucket
 from autorecbench.models.controller import FREQUENCY_ENCODINGS
 from autorecbench.models.embedding import SoftSizeTables
 from autorecbench.models.norm import NORM_AFFINE
 from autorecbench.models.rating import RatingMLP, output_probabilities, per_example_loss, reduce_loss
-from autorecbench.train.optim import SplitAdam, check_mode, tensor_bytes
+from autorecbench.train.optim import RowAdam, SplitAdam, check_mode, tensor_bytes
 
 FIELDS = ("user", "item")
 VALIDATIONS = ("last_batch", "history")
@@ -51,8 +51,7 @@ MAX_BUCKETS = 64  # power-of-two buckets of an int64 frequency
 
 def last_rows(ids: torch.Tensor) -> torch.Tensor:
     """Mask of each id's last row in the batch (so one write per entity wins, deterministically)."""
-    rank, count = within_batch_rank(ids)
-    return rank == count - 1
+    return batch_groups(ids).last
 
 
 class SizeByFrequency:
@@ -109,6 +108,7 @@ class SizeSearchMethod(StreamingMethod):
         if len(sizes) < 2 or sizes != sorted(set(sizes)) or sizes[0] < 1:
             raise UserError(f"method.sizes must be >= 2 distinct increasing positive sizes, got {sizes}")
         check_mode(str(cfg.embedding_optimizer))
+        static_shapes(cfg, torch.device("cpu"))
         for key in ("lr", "search_lr"):
             if float(cfg[key]) <= 0:
                 raise UserError(f"method.{key} must be > 0, got {cfg[key]}")
@@ -255,9 +255,12 @@ class SoftSelectionMethod(SizeSearchMethod):
         super().__init__(ctx)
         cfg = ctx.cfg
         mode = str(cfg.embedding_optimizer)
+        # Static-shape step (lazy Adam only; dense Adam is static already): the tables' rows are gathered
+        # copies stepped by RowAdam instead of sparse gradients and SparseAdam.
+        self.static = static_shapes(cfg, ctx.device) and mode == "lazy"
         self.tables = nn.ModuleDict({
-            f: SoftSizeTables(self.n_entities[f], self.sizes, mode, float(cfg.init_std), self.batch_norm,
-                              str(cfg.norm_affine))
+            f: SoftSizeTables(self.n_entities[f], self.sizes, "dense" if self.static else mode, float(cfg.init_std),
+                              self.batch_norm, str(cfg.norm_affine))
             for f in FIELDS
         })
         self.model.to(ctx.device)
@@ -265,7 +268,9 @@ class SoftSelectionMethod(SizeSearchMethod):
         embeddings = [self.tables[f].table.weight for f in FIELDS]
         self.dense_parameters = [*self.model.parameters(),
                                  *(p for n, p in self.tables.named_parameters() if not n.endswith("table.weight"))]
-        self.model_optimizer = SplitAdam(embeddings, self.dense_parameters, float(cfg.lr), mode, flat=True)
+        self.model_optimizer = SplitAdam([] if self.static else embeddings, self.dense_parameters, float(cfg.lr),
+                                         mode, flat=True)
+        self.row_adam = RowAdam([e.detach() for e in embeddings], float(cfg.lr)) if self.static else None
         self.search_optimizer: Any = None  # set by the subclass: Adam over ``search_parameters()``
 
     @abstractmethod
@@ -276,11 +281,23 @@ class SoftSelectionMethod(SizeSearchMethod):
     @abstractmethod
     def search_parameters(self) -> list[torch.nn.Parameter]: ...
 
+    def search_backward(self, loss: torch.Tensor) -> None:
+        """The validation loss's gradient w.r.t. the search parameters only (the model weights stay fixed)."""
+        loss.backward(inputs=self.search_parameters())
+
+    def search_update(self, valid: StreamBatch) -> None:
+        """The search step's update, after :meth:`search_backward`."""
+        self.search_optimizer.step()
+
     def after_training(self, batch: StreamBatch, weights: dict[str, torch.Tensor]) -> None:
         """Hook after the model step (AutoEmb keeps each entity's last weights)."""
 
-    def _logits(self, batch: StreamBatch, weights: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model([self.tables[f](self._ids(batch, f)[0], weights[f]) for f in FIELDS])
+    def _logits(self, batch: StreamBatch, weights: dict[str, torch.Tensor],
+                rows: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """``rows``: the fields' table rows, gathered by the caller (static step); else read from the tables."""
+        if rows is None:
+            return self.model([self.tables[f](self._ids(batch, f)[0], weights[f]) for f in FIELDS])
+        return self.model([self.tables[f].mix(rows[f], weights[f]) for f in FIELDS])
 
     def _eval(self) -> None:
         """Batch statistics in ``batch`` mode; running statistics used and left unchanged in ``running`` mode."""
@@ -298,18 +315,27 @@ class SoftSelectionMethod(SizeSearchMethod):
         weights = {f: self.weights(f, valid, train=True) for f in FIELDS}
         loss = self.reduce(self.example_losses(self._logits(valid, weights), valid))
         self.search_optimizer.zero_grad()
-        loss.backward(inputs=self.search_parameters())
-        self.search_optimizer.step()
+        self.search_backward(loss)
+        self.search_update(valid)
 
     def train_model(self, batch: StreamBatch) -> torch.Tensor:
         with torch.no_grad():
             weights = {f: self.weights(f, batch) for f in FIELDS}
         set_training(self.model, True)
         set_training(self.tables, True)
-        loss = self.reduce(self.example_losses(self._logits(batch, weights), batch))
+        rows = None
+        if self.row_adam is not None:
+            rows = {f: self.tables[f].table.weight.detach().index_select(0, self._ids(batch, f)[0]).requires_grad_()
+                    for f in FIELDS}
+        loss = self.reduce(self.example_losses(self._logits(batch, weights, rows), batch))
         self.model_optimizer.zero_grad()
         loss.backward()
         self.model_optimizer.step()
+        if self.row_adam is not None and rows is not None:
+            step = self.row_adam.advance()
+            for k, f in enumerate(FIELDS):
+                ids = self._ids(batch, f)[0]
+                self.row_adam.update(k, ids, rows[f].grad, batch_groups(ids), step)
         for f in FIELDS:
             self.by_frequency[f].add(self._ids(batch, f)[1], weights[f])
         self.count_rows(batch)
@@ -338,7 +364,8 @@ class SoftSelectionMethod(SizeSearchMethod):
         embedding = sum(t.numel() for t in tables)
         return MemoryReport(
             embedding_bytes=sum(tensor_bytes(t) for t in tables) + sum(self.state_bytes(f) for f in FIELDS),
-            embedding_optimizer_bytes=self.model_optimizer.embedding_state_bytes(),
+            embedding_optimizer_bytes=(self.model_optimizer.embedding_state_bytes() if self.row_adam is None
+                                       else self.row_adam.state_bytes()),
             parameters=embedding + dense + search,
             embedding_parameters=embedding,
             dims={f: {str(d): self.n_entities[f] for d in self.sizes} for f in FIELDS},

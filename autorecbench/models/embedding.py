@@ -489,18 +489,22 @@ class SoftSizeTables(nn.Module):
         self.shared = None if affine == "per_size" else nn.ParameterList(
             [nn.Parameter(torch.ones(top)), nn.Parameter(torch.zeros(top))])
 
-    def candidates(self, ids: torch.Tensor) -> torch.Tensor:
-        """``[batch, K, d_n]``: every candidate size's embedding, mapped, normalised and squashed."""
-        e = self.table(ids)
+    def candidates(self, e: torch.Tensor) -> torch.Tensor:
+        """``[batch, K, d_n]``: every candidate size's embedding (``e``: table rows ``[batch, Σ d]``), mapped,
+        normalised and squashed."""
         mapped = [m(e[:, a:b]) for m, a, b in zip(self.maps, self.offsets[:-1], self.offsets[1:])]
-        normed = self.norm(torch.cat(mapped, dim=1)).view(ids.shape[0], len(self.sizes), -1)
+        normed = self.norm(torch.cat(mapped, dim=1)).view(e.shape[0], len(self.sizes), -1)
         if self.shared is not None:
             normed = torch.addcmul(self.shared[1], normed, self.shared[0])
         return tanh(normed)
 
+    def mix(self, e: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Eq. 20 from table rows ``e``: ``(1/K) sum_k weights[:, k] * candidate_k``, ``[batch, d_n]``."""
+        return torch.einsum("bk,bkd->bd", weights, self.candidates(e)) / len(self.sizes)
+
     def forward(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Eq. 20: ``(1/K) sum_k weights[:, k] * candidate_k``, ``[batch, d_n]``."""
-        return torch.einsum("bk,bkd->bd", weights, self.candidates(ids)) / len(self.sizes)
+        """Eq. 20 for entities ``ids``."""
+        return self.mix(self.table(ids), weights)
 
     def size_bytes(self) -> list[int]:
         """Bytes of each size's column block (the table's storage split by columns)."""

@@ -42,6 +42,7 @@ from autorecbench.train.distributed import Distributed, current
 from autorecbench.train.state import restore, rng_state, set_rng_state
 
 MONITORS = {"auc": "max", "logloss": "min", "ce": "min"}
+AMP_MODES = ("off", "bf16")
 
 
 @dataclass
@@ -57,6 +58,7 @@ class OfflineConfig(LifecycleConfig):
     max_rows: int | None = None
     data_on_device: str = "auto"  # auto | device | pinned
     valid_batch_size: int | None = None  # rows per loop.valid_batch() (None: batch_size)
+    amp: str = "off"  # off | bf16: training steps and predictions under bf16 autocast (linear layers: the MLP)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -72,6 +74,8 @@ class OfflineConfig(LifecycleConfig):
             raise UserError("runner.max_rows must be >= 10")
         if self.valid_batch_size is not None and self.valid_batch_size < 2:
             raise UserError("runner.valid_batch_size must be >= 2")
+        if self.amp not in AMP_MODES:
+            raise UserError(f"runner.amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
 
 
 def _sync(device: torch.device) -> None:
@@ -181,7 +185,7 @@ class TrainLoop:
         """``predict`` over a whole split in order (no gradients); a non-finite one is a divergence."""
         shape = (len(split),) if self.task.is_binary else (len(split), self.task.n_classes)
         out = torch.empty(shape, dtype=torch.float32, device=self.device)
-        with torch.no_grad():
+        with torch.no_grad(), self.autocast():
             for start, end in split.bounds(self.cfg.eval_batch_size):
                 out[start:end] = predict(split.rows(slice(start, end)))
         finite = torch.isfinite(out.reshape(len(split), -1)).all(dim=1)
@@ -189,6 +193,12 @@ class TrainLoop:
             row = int((~finite).nonzero()[0])
             raise RunDiverged(self.stage or "test", self.step, f"non-finite prediction on the {split.name} split (row {row})")
         return out
+
+    def autocast(self) -> Any:
+        """``runner.amp=bf16``: bf16 autocast on the loop's device — matrix products (the backbones' linear
+        layers, i.e. the MLP) run in bf16, while embedding gathers, FM/PNN interactions, batch-norm and the loss
+        stay float32 (autocast's op lists); parameters, gradients and Adam stay float32. ``off``: nothing."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp == "bf16")
 
     def parallel(self, module: nn.Module) -> nn.Module:
         """``module`` for training forward passes: DistributedDataParallel under torchrun, else itself."""
@@ -360,7 +370,8 @@ class TrainLoop:
                     assert fit.epoch_rng is not None
                     self.generator.set_state(fit.epoch_rng)
                 for batch in self.train.batches(batch_size, self.generator, skip=fit.batch):
-                    loss = step(batch, self)
+                    with self.autocast():
+                        loss = step(batch, self)
                     fit.batch += 1
                     self.step += 1
                     self.total_steps += 1

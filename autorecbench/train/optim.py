@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -65,8 +66,9 @@ class FlatAdam:
         self.grad = torch.zeros_like(self.flat)
         self.exp_avg = torch.zeros_like(self.flat)
         self.exp_avg_sq = torch.zeros_like(self.flat)
-        self.step_count = 0
-        self._step = torch.zeros((), dtype=torch.float32, device=first.device)  # the fused kernel's step input
+        # The step count lives on the device (the fused kernel's input): a step reads nothing back to the host,
+        # so it can be compiled with fullgraph=True or replayed from a CUDA graph.
+        self._step = torch.zeros((), dtype=torch.float32, device=first.device)
         self._fused = hasattr(torch, "_fused_adam_")
         ends = itertools.accumulate(p.numel() for p in self.params)
         self._slices = [slice(end - p.numel(), end) for p, end in zip(self.params, ends)]
@@ -100,13 +102,17 @@ class FlatAdam:
         self._bind_grads()
         self.grad.zero_()
 
+    @property
+    def step_count(self) -> int:
+        """Steps taken (read back from the device)."""
+        return int(self._step)
+
     @torch.no_grad()
     def step(self) -> None:
         self._bind_grads()
-        self.step_count += 1
+        self._step.add_(1)
         b1, b2 = self.betas
         if self._fused:
-            self._step.fill_(self.step_count)
             try:
                 torch._fused_adam_([self.flat], [self.grad], [self.exp_avg], [self.exp_avg_sq], [], [self._step],
                                    amsgrad=False, lr=self.lr, beta1=b1, beta2=b2, weight_decay=0.0, eps=self.eps,
@@ -114,16 +120,72 @@ class FlatAdam:
                 return
             except (RuntimeError, NotImplementedError):  # no fused kernel for this device in this torch build
                 self._fused = False
+        step = self.step_count  # only builds without the fused kernel read the count back
         self.exp_avg.lerp_(self.grad, 1 - b1)
         self.exp_avg_sq.mul_(b2).addcmul_(self.grad, self.grad, value=1 - b2)
-        denom = self.exp_avg_sq.sqrt().div_(math.sqrt(1 - b2**self.step_count)).add_(self.eps)
-        self.flat.addcdiv_(self.exp_avg, denom, value=-self.lr / (1 - b1**self.step_count))
+        denom = self.exp_avg_sq.sqrt().div_(math.sqrt(1 - b2**step)).add_(self.eps)
+        self.flat.addcdiv_(self.exp_avg, denom, value=-self.lr / (1 - b1**step))
 
     @property
     def state(self) -> dict[nn.Parameter, dict[str, torch.Tensor]]:
         """Per-parameter views of the moments (``torch.optim.Optimizer.state``'s shape)."""
         return {p: {"exp_avg": self.exp_avg[part].view_as(p), "exp_avg_sq": self.exp_avg_sq[part].view_as(p)}
                 for p, part in zip(self.params, self._slices)}
+
+
+class RowAdam:
+    """Lazy Adam (``torch.optim.SparseAdam``'s algorithm and arithmetic) for embedding tables read by plain
+    gathers, with static shapes only: a step takes the gathered rows' indices and the gradients of the gathered
+    copies (``[rows, d]``, one per batch row), sums the rows of each index (:class:`BatchGroups`, as
+    ``coalesce`` does) and updates moments and values of those indices only. Duplicate rows compute the same
+    new values and write them all (``index_copy_``), so the result does not depend on which write lands last.
+    The step count is a device tensor: nothing is read back to the host (``fullgraph`` compile, CUDA graphs).
+    Bias corrections are computed in float64 on the device, as SparseAdam computes them in Python floats.
+    """
+
+    def __init__(self, tables: Iterable[torch.Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8) -> None:
+        self.tables = list(tables)
+        self.lr, self.betas, self.eps = float(lr), betas, float(eps)
+        self.exp_avg = [torch.zeros_like(t) for t in self.tables]
+        self.exp_avg_sq = [torch.zeros_like(t) for t in self.tables]
+        self.step_count = torch.zeros((), dtype=torch.float64, device=self.tables[0].device)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Nothing to zero: each step's gradients belong to that step's gathered copies."""
+
+    def advance(self) -> torch.Tensor:
+        """Count one optimiser step; returns the step size ``lr sqrt(1 - β2^t) / (1 - β1^t)`` (a device scalar)."""
+        self.step_count.add_(1)
+        b1, b2 = self.betas
+        return self.lr * torch.sqrt(1 - b2**self.step_count) / (1 - b1**self.step_count)
+
+    @torch.no_grad()
+    def update(self, k: int, index: torch.Tensor, grad: torch.Tensor, groups: Any, step_size: torch.Tensor) -> None:
+        """Table ``k``'s rows ``index`` (``[rows]``, the batch's ids) with ``grad`` (``[rows, d]``); ``groups``:
+        :func:`~autorecbench.data.stream.batch_groups` of ``index``."""
+        adam_rows_(self.tables[k], self.exp_avg[k], self.exp_avg_sq[k], index, groups.per_group_sum(grad),
+                   step_size, self.betas, self.eps)
+
+    def state_bytes(self) -> int:
+        return sum(tensor_bytes(t) for t in (*self.exp_avg, *self.exp_avg_sq))
+
+
+def adam_rows_(table: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, index: torch.Tensor,
+               grad: torch.Tensor, step_size: torch.Tensor, betas: tuple[float, float], eps: float) -> None:
+    """SparseAdam's arithmetic on rows ``index`` whose gradients ``grad`` are already summed per index (rows of
+    one index carry the same values, so their writes agree)."""
+    b1, b2 = betas
+    old_m = exp_avg.index_select(0, index)
+    old_v = exp_avg_sq.index_select(0, index)
+    m_update = grad.sub(old_m).mul_(1 - b1)
+    v_update = grad.pow(2).sub_(old_v).mul_(1 - b2)
+    exp_avg.index_copy_(0, index, old_m + m_update)
+    exp_avg_sq.index_copy_(0, index, old_v + v_update)
+    numer = m_update.add_(old_m)
+    denom = v_update.add_(old_v).sqrt_().add_(eps)
+    values = table.index_select(0, index)
+    table.index_copy_(0, index, values + numer.div_(denom).mul_(-step_size.to(values.dtype)))
 
 
 def flat_adam(params: Iterable[nn.Parameter], lr: float, betas: tuple[float, float] = (0.9, 0.999),
@@ -159,10 +221,11 @@ class SplitAdam:
             if self.mode == "lazy":
                 self.optimizers.append(torch.optim.SparseAdam(embeddings, lr=lr, betas=betas, eps=eps))
             else:
-                self.optimizers.append(torch.optim.Adam(embeddings, lr=lr, betas=betas, eps=eps, fused=flat or None))
+                self.optimizers.append(torch.optim.Adam(embeddings, lr=lr, betas=betas, eps=eps,
+                                                        fused=flat or fused_on(embeddings)))
         if dense:
             self.optimizers.append(flat_adam(dense, lr, betas, eps) if flat
-                                   else torch.optim.Adam(dense, lr=lr, betas=betas, eps=eps))
+                                   else torch.optim.Adam(dense, lr=lr, betas=betas, eps=eps, fused=fused_on(dense)))
         self._embedding_ids = {id(p) for p in embeddings}
 
     def zero_grad(self) -> None:
@@ -195,6 +258,14 @@ class SplitAdam:
                 if id(param) in ids:
                     total += sum(tensor_bytes(v) for v in state.values() if isinstance(v, torch.Tensor))
         return total
+
+
+def fused_on(params: list[nn.Parameter]) -> bool | None:
+    """torch's fused Adam kernel (one launch for all parameters) where every parameter is a float CUDA tensor;
+    None (torch's default, the multi-tensor ``foreach`` implementation) elsewhere, so CPU runs keep their
+    numbers."""
+    cuda = bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
+    return True if cuda else None
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
