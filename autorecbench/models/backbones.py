@@ -138,6 +138,11 @@ class CTRBackbone(nn.Module):
         if self.sequence_specs and not hasattr(self.embedding, "embed_with"):
             raise UserError("behaviour sequences need an embedding layer that looks up one field's rows "
                             "(embed_with); this method's cannot")
+        self.build_layers()
+
+    def build_layers(self) -> None:
+        """The backbone's own layers, built after the embedding (in this order, so a seed gives the same
+        initial weights); a subclass extends its parent's."""
 
     def embed(self, x: torch.Tensor, seq: dict[str, torch.Tensor] | None = None
               ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -225,12 +230,9 @@ class LR(CTRBackbone):
 
 @register_model("fm")
 class FM(CTRBackbone):
-    def __init__(self, fields: Sequence[FieldSpec], n_outputs: int, cfg: BackboneConfig,
-                 embedding: nn.Module | None = None, sparse: bool = False,
-                 sequences: Sequence[FieldSpec] = ()) -> None:
-        super().__init__(fields, n_outputs, cfg, embedding, sparse, sequences)
+    def build_layers(self) -> None:
         self.linear = self.first_order()
-        self.fm = FMTerm(self.dim, n_outputs)
+        self.fm = FMTerm(self.dim, self.n_outputs)
 
     def set_pair_gate(self, gate: nn.Module | None) -> None:
         """Gate the pairwise inner products (AutoFIS): ``gate`` maps ``[B, F(F-1)/2] -> [B, F(F-1)/2]``."""
@@ -245,10 +247,7 @@ class FM(CTRBackbone):
 class DNN(CTRBackbone):
     uses_sequences = True
 
-    def __init__(self, fields: Sequence[FieldSpec], n_outputs: int, cfg: BackboneConfig,
-                 embedding: nn.Module | None = None, sparse: bool = False,
-                 sequences: Sequence[FieldSpec] = ()) -> None:
-        super().__init__(fields, n_outputs, cfg, embedding, sparse, sequences)
+    def build_layers(self) -> None:
         self.mlp, self.head = self.deep(self.n_stacked * self.dim)
 
     def forward(self, x: torch.Tensor, seq: dict[str, torch.Tensor] | None = None,
@@ -260,10 +259,7 @@ class DNN(CTRBackbone):
 class WideDeep(CTRBackbone):
     uses_sequences = True
 
-    def __init__(self, fields: Sequence[FieldSpec], n_outputs: int, cfg: BackboneConfig,
-                 embedding: nn.Module | None = None, sparse: bool = False,
-                 sequences: Sequence[FieldSpec] = ()) -> None:
-        super().__init__(fields, n_outputs, cfg, embedding, sparse, sequences)
+    def build_layers(self) -> None:
         self.linear = self.first_order()
         self.mlp, self.head = self.deep(self.n_stacked * self.dim)
 
@@ -276,10 +272,8 @@ class WideDeep(CTRBackbone):
 class DeepFM(FM):
     uses_sequences = True
 
-    def __init__(self, fields: Sequence[FieldSpec], n_outputs: int, cfg: BackboneConfig,
-                 embedding: nn.Module | None = None, sparse: bool = False,
-                 sequences: Sequence[FieldSpec] = ()) -> None:
-        super().__init__(fields, n_outputs, cfg, embedding, sparse, sequences)
+    def build_layers(self) -> None:
+        super().build_layers()
         self.mlp, self.head = self.deep(self.n_stacked * self.dim)
 
     def forward(self, x: torch.Tensor, seq: dict[str, torch.Tensor] | None = None,
