@@ -114,7 +114,8 @@ def test_refusals_before_anything_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     cases = [([*ctr, "method=autodim", "method.gumbel_noise=batch"], "per-process sampling"),
              ([*ctr, "runner.batch_size=2001"], "runner.batch_size=2001 must split into 2 equal parts"),
              ([*ctr, "runner.valid_batch_size=3"], "runner.valid_batch_size=3 must split"),
-             (["method=darts"], "runner=streaming cannot run data-parallel")]
+             (["method=darts"], "runner=streaming cannot run data-parallel"),
+             ([*ctr, "method=autoias"], "method autoias cannot run data-parallel: its supernet search")]
     for overrides, fragment in cases:
         with pytest.raises(UserError, match=fragment):
             validate(compose(overrides))

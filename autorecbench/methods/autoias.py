@@ -546,6 +546,10 @@ class AutoIAS(BackboneMethod):
     fidelity = "faithful, deviations documented"
     deviations = ("no public code: every choice the paper leaves open is a method.* key; derive=argmax (Alg. 1 "
                   "samples a*: derive=sample); budget=quick shrinks the space for CPUs")
+    # The supernet's students and the generator's samples are drawn per step outside any DDP backward: each
+    # process would train and reward different architectures.
+    data_parallel_refusal = ("its supernet search samples students and rewards per process (no synchronised "
+                             "sampling yet)")
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
