@@ -32,7 +32,9 @@ from autorecbench.models.ameir_net import (
     child_spec,
 )
 from autorecbench.models.supernet import inherit_leading, sample_fair
-from conftest import read_run, run_cli, run_folders
+from autorecbench.reproduce.ameir import NOT_IMPLEMENTED, TABLES, Cell, load_reference, table_rows
+from autorecbench.reproduce.ameir import command as reproduce_command
+from conftest import one_line_error, read_run, run_cli, run_folders
 
 B, T, D = 6, 7, 6
 LENGTHS = torch.tensor([7, 3, 0, 1, 5, 2])
@@ -274,6 +276,39 @@ def test_cli_run_writes_the_architecture_the_search_and_the_costs(home: Path) ->
     assert arch_i["blocks"] == [] and arch_i["readout"] == ["sum"] and arch_i["first_order"]
     assert arch_i["interaction_mode"] == "fm"
     assert set(pl.read_parquet(i / "search.parquet")["step"]) == {2}  # DeepFM + p^b: Step 2 only
+    # a given architecture is trained as it is, without a search; a file that is not one is a user error
+    given = [a for a in TINY if not a.startswith("method.") or a == "method=ameir"]
+    run_cli("run", *given, f"method.architecture={c / 'architecture.json'}", "-q", home=home, check=True)
+    (fixed,) = [f for f in run_folders(home) if f not in (c, i)]
+    again = json.loads((fixed / "architecture.json").read_text())
+    assert {k: again[k] for k in ("blocks", "interactions", "mlp_hidden")} == \
+        {k: arch[k] for k in ("blocks", "interactions", "mlp_hidden")}
+    assert not (fixed / "search.parquet").exists()
+    bad = home / "bad.json"
+    bad.write_text('{"blocks": []}')
+    line = one_line_error(run_cli("run", *given, f"method.architecture={bad}", home=home))
+    assert "method.architecture" in line and "interactions" in line
+    assert len(run_folders(home)) == 3
+
+
+def test_reproduction_stops_without_raw_data_and_marks_what_the_suite_lacks(home: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AUTORECBENCH_HOME", str(home))
+    monkeypatch.chdir(home)
+    with pytest.raises(UserError, match="raw data missing, nothing run.*behavior_log.*--small"):
+        reproduce_command(small=False, tables="table1,table3", seeds="0", random=3, fmt="table", output=None,
+                          extra=None)
+    with pytest.raises(UserError, match="--tables"):
+        reproduce_command(tables="table2")
+    assert not (home / "results").exists()
+    reference = load_reference()
+    assert set(reference) - {"source"} == set(TABLES)
+    cells = {("table1", "AMEIR-C", "alimama"): Cell({"auc": [0.63, 0.64], "qps": [46_000.0, 47_000.0]})}
+    header, rows = table_rows("table1", cells, reference, small=True)
+    ours = {r[0]: r for r in rows if r[1].startswith("ours")}
+    assert header == ["model", "source", "alimama AUC", "alimama QPS"]
+    assert ours["DIEN"][2:] == [NOT_IMPLEMENTED] * 2 and ours["AMEIR-C"][2:] == ["0.6350 ± 0.0071", "46 ± 1K"]
+    assert [r[2] for r in rows if r[:2] == ["AMEIR-C", "paper"]] == ["0.6383 ± 0.0004"]
 
 
 @pytest.mark.slow

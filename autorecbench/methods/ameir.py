@@ -105,6 +105,8 @@ RETRAIN_FROM = ("one_shot", "scratch")
 VARIANT_MODE = {"A": "none", "B": "mlp+se", "C": "mlp+se", "I": "fm"}
 SCORE_ROWS = 10_000  # validation rows per scoring pass
 COST_ROWS = 2048
+ARCHITECTURE_KEYS = ("variant", "blocks", "readout", "interactions", "interaction_mode", "first_order", "mlp_hidden",
+                     "mlp_activations")
 
 
 def mlp_widths(ratios: Sequence[float], k0: int) -> list[int]:
@@ -231,6 +233,17 @@ class AMEIR(BackboneMethod):
             raise UserError(f"method.embedding_dim must be >= 1 (or null), got {cfg.embedding_dim}")
         if str(cfg.task) != "binary":
             raise UserError("AMEIR predicts clicks (logloss): use task=binary")
+        if cfg.architecture is not None:
+            from pathlib import Path
+
+            try:
+                arch = json.loads(Path(str(cfg.architecture)).read_text())
+                missing = [k for k in ARCHITECTURE_KEYS if k not in arch]
+            except (OSError, ValueError) as exc:
+                raise UserError(f"method.architecture={cfg.architecture}: cannot read it ({exc})") from None
+            if missing:
+                raise UserError(f"method.architecture={cfg.architecture}: not an AMEIR architecture.json "
+                                f"(no {', '.join(missing)})")
 
     # ------------------------------------------------------------ networks
 
@@ -275,6 +288,9 @@ class AMEIR(BackboneMethod):
 
     def search(self, loop: OfflineLoop) -> dict[str, Any]:
         cfg = self.ctx.cfg
+        if cfg.architecture is not None:  # a given architecture: no search, trained from scratch
+            self.searched = self.read_architecture(str(cfg.architecture))
+            return self.searched
         valid = self._valid_subset(loop)
         manual = [int(h) for h in cfg.manual_hidden]
         manual_acts = [str(cfg.manual_activation)] * len(manual)
@@ -325,6 +341,22 @@ class AMEIR(BackboneMethod):
                              mode=str(arch["interaction_mode"]), hidden=arch["mlp_hidden"],
                              activations=arch["mlp_activations"], first_order=bool(arch["first_order"]),
                              readout=arch["readout"] if has_behaviour else None)
+
+    def read_architecture(self, path: str) -> dict[str, Any]:
+        """An ``architecture.json`` (of a run, or written by hand) checked against this data's fields."""
+        from pathlib import Path
+
+        file = Path(path)
+        try:
+            arch = json.loads(file.read_text())
+            fields = {f for i in arch["interactions"] for f in i}
+            unknown = sorted(fields - set(self.field_names))
+            if unknown:
+                raise UserError(f"{file}: interactions name fields this data does not have: {', '.join(unknown)}")
+            self.spec_from(arch)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"method.architecture={path}: not an AMEIR architecture.json ({exc})") from None
+        return {k: arch[k] for k in ARCHITECTURE_KEYS}
 
     def _valid_subset(self, loop: OfflineLoop) -> OfflineBatch:
         rows = min(int(self.ctx.cfg.valid_rows), len(loop.valid))
@@ -548,6 +580,25 @@ class AMEIR(BackboneMethod):
         best = self._best_of(loop, 3, supernet, choices, aucs,
                              lambda c: json.dumps({"hidden": list(c.hidden), "activations": list(c.activations)}))
         return child_spec(spec, best), {k: v.detach().clone() for k, v in supernet.state_dict().items()}
+
+    def random_architecture(self, generator: torch.Generator) -> dict[str, Any]:
+        """A uniformly random architecture of the joint space (``architecture.json``'s form): uniform blocks
+        (none without histories), ``interactions`` distinct interactions of order 2-3 over distinct fields, one of
+        the MLPs of Step 3 (AMEIR-C's structure; Table 4's "Random" and the validation's null)."""
+        cfg = self.ctx.cfg
+        n = len(self.field_names)
+        blocks = ArchSpace.select(self.blocks_space.sample_uniform(1, generator), 0)
+        interactions: set[tuple[int, ...]] = set()
+        while len(interactions) < min(int(cfg.interactions), n * (n - 1) // 2):
+            order = min(2 + int(torch.randint(2, (1,), generator=generator)), n)
+            interactions.add(tuple(sorted(torch.randperm(n, generator=generator)[:order].tolist())))
+        spec = self.net_spec(blocks=self._blocks(blocks) if self.sequences else None,
+                             interactions=sorted(interactions), mode="mlp+se", hidden=[1], activations=["relu"])
+        space = mlp_space([float(r) for r in cfg.width_ratios], int(cfg.mlp_layers), [str(a) for a in cfg.mlp_activations])
+        hidden, acts = self._mlp_choice(ArchSpace.select(space.sample_uniform(1, generator), 0),
+                                        self.new_net(spec).in_dim, space)
+        spec.default = Choice(spec.default.blocks, hidden, acts)
+        return {**self.describe(spec), "variant": "C"}
 
     # ------------------------------------------------------------ re-train (derive)
 
