@@ -68,7 +68,7 @@ from torch import nn
 
 from autorecbench.errors import UserError
 from autorecbench.methods.base import MemoryReport, MethodContext, OfflineLoop, register_method
-from autorecbench.methods.offline_common import BackboneMethod, check_positive, embedding_tables
+from autorecbench.methods.offline_common import BackboneMethod, CostedSearch, check_positive, embedding_tables
 from autorecbench.models.ameir_net import (
     BLOCK_ACTIVATIONS,
     INTERACTION_MODES,
@@ -167,7 +167,7 @@ class CosineLR:
 
 
 @register_method
-class AMEIR(BackboneMethod):
+class AMEIR(CostedSearch, BackboneMethod):
     name = "ameir"
     description = ("One-shot random search, progressive: behaviour blocks (Eq. 1), high-order interactions "
                    "(evolution), MLP widths/activations (Eq. 2, 880 enumerated); SE shortcut; re-train from "
@@ -177,6 +177,8 @@ class AMEIR(BackboneMethod):
     deviations = ("no public code: every choice the paper leaves open is a method.* key; Step 3 enumerates its "
                   "880 children; budget=quick shrinks counts and raises lr for CPUs; fine-tunes without early "
                   "stopping")
+    # The one-shot steps update supernets outside the loop's DDP module without averaging their gradients.
+    data_parallel_refusal = "its one-shot search steps do not average gradients across processes"
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
@@ -632,17 +634,6 @@ class AMEIR(BackboneMethod):
             embedding_parameters=sum(t.numel() for t in tables),
             dims={f: {str(self.dim): c} for f, c in zip(self.field_names, self.cardinalities)},
         )
-
-    def costs(self) -> dict[str, float]:
-        if self.cost is None:
-            return {}
-        return {"flops_per_example": self.cost.flops_per_example, "inference_qps": self.cost.qps}
-
-    def architecture(self) -> dict[str, Any]:
-        out = dict(self.searched)
-        if self.cost is not None:
-            out["cost"] = self.cost.to_dict()
-        return out
 
     def reports(self) -> dict[str, list[dict[str, Any]]]:
         """``search.parquet``: every scored child of every step (Step 2: every candidate of every cycle) with its

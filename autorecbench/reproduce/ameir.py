@@ -29,7 +29,7 @@ from typing import Annotated, Any, Optional
 import typer
 import yaml
 
-from autorecbench.console import out_console, setup_logging
+from autorecbench.console import setup_logging
 from autorecbench.data.schema import Schema
 from autorecbench.errors import UserError
 from autorecbench.reproduce.autoias_table1 import matched_embedding_dim
@@ -39,6 +39,7 @@ from autorecbench.reproduce.runs import (
     Seeds,
     Small,
     check_format,
+    finish,
     main,
     markdown,
     mean_std,
@@ -268,12 +269,7 @@ def command(
         title = TITLES[table] + (" — synthetic stand-ins" if small else "")
         show(title, header, rows, fmt)
         texts.append(f"**{title}**\n\n" + markdown(header, rows))
-    if output is not None:
-        output.write_text("\n\n".join(texts) + "\n")
-        out_console.print(f"written: {output}", highlight=False)
-    if small:
-        out_console.print("synthetic stand-ins: the paper's rows show the layout, they are not comparable",
-                          highlight=False)
+    finish(output, "\n\n".join(texts) + "\n", small)
 
 
 if __name__ == "__main__":
