@@ -460,8 +460,10 @@ class ChildNet(nn.Module):
             previous = width
         self.head = nn.Linear(previous, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [B, n]`` -> ``[B, 1]`` logits."""
+    def forward(self, x: torch.Tensor, seq: dict[str, torch.Tensor] | None = None,
+                seq_len: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [B, n]`` -> ``[B, 1]`` logits; ``seq`` / ``seq_len`` (how the fit stage calls every backbone,
+        ``methods.offline_common.backbone_logits``) are ignored: AutoIAS reads no histories."""
         embedded = [g.table(x[:, g.fields] + g.offsets) for g in self.fields]
         banks: dict[int, list[torch.Tensor]] = defaultdict(list)
         for g in self.projections:
