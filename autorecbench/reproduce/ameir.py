@@ -54,17 +54,17 @@ REFERENCE = Path(__file__).with_suffix(".yaml")
 NOT_IMPLEMENTED = "not implemented"
 BATCH = ["runner.batch_size=1024"]
 DATASETS: dict[str, list[str]] = {"alimama": ["data=alimama"], "criteo": ["data=criteo"], "avazu": ["data=avazu"]}
-_SMALL_CTR = ["data.generator.rows=20000", "data.generator.n_fields=8", "data.generator.n_informative=4",
+_SMALL_CTR = ["data.generator.rows=10000", "data.generator.n_fields=8", "data.generator.n_informative=4",
               "data.generator.n_pairs=2", "data.generator.cardinality_max=30"]
 SMALL: dict[str, list[str]] = {
-    "alimama": ["data=synthetic-alimama", "data.generator.users=1000", "data.generator.ads=200",
-                "data.generator.samples=20000", "data.generator.interest_strength=0",
+    "alimama": ["data=synthetic-alimama", "data.generator.users=600", "data.generator.ads=200",
+                "data.generator.samples=10000", "data.generator.interest_strength=0",
                 "data.generator.order_strength=1.5", "data.generator.order_pair_rate=0.3", "data.max_seq_len=10"],
     "criteo": ["data=synthetic-criteo", *_SMALL_CTR],
     "avazu": ["data=synthetic-avazu", *_SMALL_CTR],
 }
 SMALL_RUN = ["runner.epochs=2"]
-SMALL_AMEIR = ["method.budget=quick", "method.children=20", "method.top=2", "method.keep=5", "method.finetune_steps=5"]
+SMALL_AMEIR = ["method.budget=quick", "method.children=10", "method.top=2", "method.keep=5", "method.finetune_steps=5"]
 AMEIR = ["method=ameir"]
 MATCHED, RANDOM = "matched", "random"
 # table -> (datasets, columns, rows: label -> overrides | None (not implemented) | MATCHED | RANDOM)

@@ -1,6 +1,6 @@
 """Planted-truth validation of AMEIR (``autorecbench validate method=ameir``; spec: ``ameir-autoias.md`` A5).
 
-Cases (synthetic Alimama files in the real format through the real loader, T = 20; quick: 40,000 samples, full:
+Cases (synthetic Alimama files in the real format through the real loader, T = 20; quick: 20,000 samples, full:
 200,000; 20% clicks, a planted successor after half of the behaviours):
 - ``planted``: ``logit = b + Σ_{age_level, pid, customer} w_f[x_f] + s₂⟨A[age_level], B[cate_id]⟩
   + s₃ Σ_r A[cms_group_id]_r B[pid]_r C[brand]_r + s_seq · min(3, #{t : cate_t = c*, cate_{t-1} = π(c*)})``
@@ -49,7 +49,7 @@ INFORMATIVE = {"age_level", "pid", "customer", "cate_id", "cms_group_id", "brand
 ORDER_SENSITIVE = {"conv3", "bigru"}
 # quick: a few minutes per measurement on 2 cores (shared work kept per case and seed); full: the spec's counts.
 BUDGETS: dict[bool, dict[str, Any]] = {
-    True: {"samples": 40_000, "random_architectures": 5, "fit_epochs": 6, "step_epochs": 2},
+    True: {"samples": 20_000, "random_architectures": 3, "fit_epochs": 4, "step_epochs": 2},
     False: {"samples": 200_000, "random_architectures": 20, "fit_epochs": 20, "step_epochs": 1},
 }
 # 20% clicks (the generator's default is Alimama's 5%): four times the positives on a small file
