@@ -300,6 +300,8 @@ def test_reproduction_stops_without_raw_data_and_marks_what_the_suite_lacks(home
                           extra=None)
     with pytest.raises(UserError, match="--tables"):
         reproduce_command(tables="table2")
+    with pytest.raises(UserError, match="--data"):
+        reproduce_command(data="movielens")
     assert not (home / "results").exists()
     reference = load_reference()
     assert set(reference) - {"source"} == set(TABLES)
