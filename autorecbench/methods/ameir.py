@@ -511,8 +511,9 @@ class AMEIR(CostedSearch, BackboneMethod):
             index = torch.tensor([list(p) + [n] * (order - len(p)) for p in pool], dtype=torch.int64, device=device)
             optimizer = self.adam(supernet, schedule.value(schedule.done))
 
-            def step(batch: OfflineBatch, loop: OfflineLoop, keys: list[str] = keys, index: torch.Tensor = index,
-                     optimizer: SplitAdam = optimizer) -> torch.Tensor:
+            # keys, index and optimizer are this cycle's (the closure runs inside this cycle's fit only); as closure
+            # cells, not default arguments, a checkpoint restores them in place.
+            def step(batch: OfflineBatch, loop: OfflineLoop) -> torch.Tensor:
                 supernet.train()
                 rows = len(batch)
                 pick = (torch.randint(len(keys), (rows,), generator=rng) if per_row
@@ -525,7 +526,7 @@ class AMEIR(CostedSearch, BackboneMethod):
                 schedule.step(optimizer)
                 return loss.detach()
 
-            def predict(batch: OfflineBatch, keys: list[str] = keys, index: torch.Tensor = index) -> torch.Tensor:
+            def predict(batch: OfflineBatch) -> torch.Tensor:
                 supernet.eval()
                 return torch.sigmoid(supernet.score(batch.x, index[:1], keys[:1])[0])
 
