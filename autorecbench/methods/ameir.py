@@ -50,6 +50,10 @@ Choices the paper leaves open ([D] in the spec), with their defaults (``conf/met
   1e-5 as printed); ``quick`` (200 children, top 3, 2 cycles, k = 10, lr 1e-3, ``interaction_sampling: row``,
   2 epochs per cycle) finishes search and re-train of ~80k Alimama-format rows in minutes on 2 CPU cores.
   The paper's batch size 1024 is the runner's (``runner.batch_size=1024``).
+The space itself is configurable: ``blocks`` (L_a = 3), ``layers`` (the Layer options; ``target_attention`` is
+dropped on data without a target), ``readout``, ``mlp_layers`` (L_c = 2), ``width_ratios``, ``mlp_activations``;
+``cycle_epochs`` one-shot epochs per Step-2 cycle; ``architecture``: a path to an ``architecture.json`` trained from
+scratch without a search (the validation's references, Table 4's random architectures).
 The ``model=`` group does not shape the network; only its ``embedding_dim`` (K, unless ``method.embedding_dim``),
 ``embedding_init_std`` and ``embedding_optimizer`` are read.
 """
