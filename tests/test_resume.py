@@ -46,6 +46,10 @@ OFFLINE = {
     "autodim": (["model=fm", "method.search_epochs=1", "method.candidates=[2,8]"], 15),
     "autoias": (["method.budget=quick", "method.search_epochs=1", "method.students=2", "method.reward_samples=2",
                  "method.probe_architectures=2"], 5),
+    # AMEIR-I (DeepFM with the searched interactions): Step 2's one cycle of one epoch, then the fit; 5 stops
+    # inside Step 2 (AMEIR-C's Steps 1 and 3 run through the CLI in tests/test_ameir.py)
+    "ameir": (["method.variant=I", "method.budget=quick", "method.cycles=1", "method.cycle_epochs=1",
+               "method.keep=3", "method.interactions=2"], 5),
 }
 TIMING_KEYS = ("controller_seconds",)
 
@@ -63,7 +67,7 @@ def tables(folder: Path) -> dict[str, object]:
         out[path.stem] = frame.filter(pl.col("split") != "cost") if path.stem == "metrics" else frame
     arch = json.loads((folder / "architecture.json").read_text())
     out["architecture"] = {k: v for k, v in arch.items() if k not in TIMING_KEYS}
-    if isinstance(arch.get("cost"), dict):  # AutoIAS: inference QPS is measured, not computed
+    if isinstance(arch.get("cost"), dict):  # a measured inference speed (QPS) is a time too
         out["architecture"]["cost"] = {k: v for k, v in arch["cost"].items() if k != "qps"}
     return out
 

@@ -89,7 +89,7 @@ from torch import nn
 
 from autorecbench.errors import UserError
 from autorecbench.methods.base import MemoryReport, MethodContext, OfflineLoop, register_method
-from autorecbench.methods.offline_common import BackboneMethod, check_positive, embedding_tables
+from autorecbench.methods.offline_common import BackboneMethod, CostedSearch, check_positive, embedding_tables
 from autorecbench.models.layers import field_offsets, pair_index
 from autorecbench.models.supernet import (
     Architecture,
@@ -538,7 +538,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_prob: torch.Tensor, label: tor
 # ---------------------------------------------------------------- the method
 
 @register_method
-class AutoIAS(BackboneMethod):
+class AutoIAS(CostedSearch, BackboneMethod):
     name = "autoias"
     description = ("Integrated search (sizes, projections, functions, selection, insertion, MLP): KD-trained "
                    "ordinal supernet + REINFORCE generator, then re-train (Eq. 4-23)")
@@ -774,17 +774,6 @@ class AutoIAS(BackboneMethod):
             embedding_parameters=sum(t.numel() for t in tables),
             dims=dims,
         )
-
-    def costs(self) -> dict[str, float]:
-        if self.cost is None:
-            return {}
-        return {"flops_per_example": self.cost.flops_per_example, "inference_qps": self.cost.qps}
-
-    def architecture(self) -> dict[str, Any]:
-        out = dict(self.searched)
-        if self.cost is not None:
-            out["cost"] = self.cost.to_dict()
-        return out
 
     def reports(self) -> dict[str, list[dict[str, Any]]]:
         """``search.parquet``: per search evaluation, the interval's mean teacher and student losses, reward AUC

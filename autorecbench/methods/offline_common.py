@@ -54,6 +54,26 @@ def model_overrides(model_cfg: DictConfig, **values: Any) -> DictConfig:
     return OmegaConf.create(raw)
 
 
+class CostedSearch:
+    """What a searching method that measures its derived network reports: ``self.searched`` (the search's
+    architecture, JSON-able) and ``self.cost`` (a ``models.supernet.ArchCost`` of the re-trained network, or
+    None) become ``architecture()`` (with ``cost``) and the ``flops_per_example`` / ``inference_qps`` cost rows."""
+
+    searched: dict[str, Any]
+    cost: Any
+
+    def costs(self) -> dict[str, float]:
+        if self.cost is None:
+            return {}
+        return {"flops_per_example": self.cost.flops_per_example, "inference_qps": self.cost.qps}
+
+    def architecture(self) -> dict[str, Any]:
+        out = dict(self.searched)
+        if self.cost is not None:
+            out["cost"] = self.cost.to_dict()
+        return out
+
+
 class BackboneMethod(OfflineMethod):
     """An offline method whose fit-stage model is a CTR backbone trained with (split) Adam.
 

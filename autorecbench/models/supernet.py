@@ -16,6 +16,9 @@ Nothing here knows a particular search space:
   choice probabilities. :class:`MovingBaseline` is the exponential moving-average reward baseline (Eq. 22–23).
 - Batched child scoring: :func:`batched_auc` (exact AUC of many children's scores on the same rows, ties
   counted 1/2) and :func:`score_children` (chunks of children on a validation subset with inherited weights).
+- FairNAS strict fairness (:func:`sample_fair`): children whose decisions of one component are permutations of
+  its choices, so that every choice is trained exactly once per step; weight inheritance by name with leading
+  slices (:func:`inherit_leading`: a child built from a supernet, or a bigger layer from a smaller one).
 - :func:`arch_cost`: parameters (counted from the module's tensors), FLOPs per example (measured with
   ``torch.utils.flop_counter``: matrix products only) and inference QPS (timed) of a standalone child.
 """
@@ -153,6 +156,39 @@ class ArchSpace:
     def count(archs: Architecture) -> int:
         """The number of architectures in a batch."""
         return int(next(iter(archs.values())).shape[0])
+
+
+def sample_fair(space: ArchSpace, component: str, generator: torch.Generator | None = None,
+                device: torch.device | str = "cpu") -> Architecture:
+    """FairNAS strict fairness (Chu et al., 2021, §3.2): ``n_choices`` architectures of ``component`` in which
+    every decision of that component is an independent random permutation of its choices (each choice taken
+    exactly once per decision); the other components uniform. Training all of them in one step gives every
+    choice the same number of updates."""
+    chosen = space.by_name[component]
+    count = chosen.n_choices
+    out = space.sample_uniform(count, generator, device)
+    perms = torch.stack([torch.randperm(count, generator=generator) for _ in range(chosen.n_decisions)], dim=1)
+    out[component] = perms.to(device)
+    return out
+
+
+@torch.no_grad()
+def inherit_leading(module: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Copy into ``module``'s parameters and buffers the tensors of ``state`` with the same names, each over the
+    leading block both share (``dst[:a, :b] = src[:a, :b]``): a child takes the leading slices of a supernet's
+    pre-allocated weights (ordinal sharing), a wider layer the weights of a narrower one in its first
+    rows/columns (the rest keeps its initialisation). Returns the names copied."""
+    copied = []
+    own = dict(module.named_parameters())
+    own.update(dict(module.named_buffers()))
+    for name, dst in own.items():
+        src = state.get(name)
+        if src is None or src.dim() != dst.dim():
+            continue
+        block = tuple(slice(0, min(a, b)) for a, b in zip(dst.shape, src.shape))
+        dst[block] = src[block].to(dst.device, dst.dtype)
+        copied.append(name)
+    return copied
 
 
 # ---------------------------------------------------------------- ordinal parameter sharing (Eq. 9)

@@ -41,6 +41,11 @@ REPRODUCTIONS: tuple[Reproduction, ...] = (
         "autoias-ablations", "autorecbench.reproduce.autoias_ablations",
         "AutoIAS paper Figs. 3-6: KD and β, students, generator vs random search, reward samples m; tables and "
         "Parquet curves; `--small` runs a synthetic stand-in."),
+    Reproduction(
+        "ameir", "autorecbench.reproduce.ameir",
+        "AMEIR paper (IJCAI 2021) Tables 1, 3, 4, 5: the suite's baselines, AMEIR-A/B/C/I, random architectures "
+        "and the interaction ablation on Alimama, Criteo and Avazu beside the paper's numbers; `--small` runs "
+        "synthetic stand-ins."),
 )
 
 

@@ -108,3 +108,13 @@ def show(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]], fmt: 
     if output is not None:
         output.write_text(markdown(header, rows) + "\n")
         out_console.print(f"written: {output}", highlight=False)
+
+
+def finish(output: Path | None, text: str, small: bool) -> None:
+    """Write the markdown ``text`` to ``output`` (when given) and, for ``--small``, say the numbers are a check."""
+    if output is not None:
+        output.write_text(text)
+        out_console.print(f"written: {output}", highlight=False)
+    if small:
+        out_console.print("synthetic stand-ins: the paper's rows show the layout, they are not comparable",
+                          highlight=False)

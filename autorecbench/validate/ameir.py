@@ -1,0 +1,229 @@
+"""Planted-truth validation of AMEIR (``autorecbench validate method=ameir``; spec: ``ameir-autoias.md`` A5).
+
+Cases (synthetic Alimama files in the real format through the real loader, T = 20; quick: 20,000 samples, full:
+200,000; 20% clicks, a planted successor after half of the behaviours):
+- ``planted``: ``logit = b + Σ_{age_level, pid, customer} w_f[x_f] + s₂⟨A[age_level], B[cate_id]⟩
+  + s₃ Σ_r A[cms_group_id]_r B[pid]_r C[brand]_r + s_seq · min(3, #{t : cate_t = c*, cate_{t-1} = π(c*)})``
+  (the generator's pair, triple and order-sensitive, target-aware sequence term; the interest term off). Within
+  one block only conv k = 3 and the BiGRU see the ordered bigram: pooling, zero blocks and position-free
+  attention cannot, dilation-2 convolutions see only even offsets;
+- ``control``: the same generator seed with s₂ = s₃ = s_seq = 0 (first-order effects only).
+
+Subjects, each re-trained by the runner with the same budget:
+- ``method``: AMEIR-C's search (quick budget: 200 children, top 3, 2 cycles, k = 10; 2 epochs per one-shot step
+  on the quick file) and its re-train;
+- ``oracle``: the architecture read from the truth: a conv-k3 block (ReLU, no norm) and two zero blocks, the
+  full readout, exactly the planted pair and triple as interactions with the SE shortcut, the widest MLP (ReLU),
+  trained from scratch;
+- ``null``: ``random_architectures`` uniformly random architectures (blocks, M interactions of order 2-3 over
+  distinct fields, one of the 880 MLPs) trained from scratch; its statistics are their means (AUC: median).
+
+Statistics (thresholds from the spec):
+- ``order_sensitive_op`` ≥ 1: Step 1 chose conv3 or bigru in some block (issue: ≥ 3 of 4 seeds);
+- ``planted_pair_kept`` ≥ 1 and ``planted_triple_kept`` ≥ 1: {age_level, cate_id} / {cms_group_id, pid, brand}
+  is one of the kept interactions (issue: pair in ≥ 3 of 4 seeds, triple in ≥ 2 of 4);
+- ``informative_interaction_share`` ≥ 0.6: the share of kept interactions whose fields all enter the click
+  model (3 of 5);
+- ``auc_minus_random_median`` ≥ 0.01: test AUC minus the median of the random architectures';
+- ``auc_minus_oracle`` ≥ -0.01 (method only);
+- ``auc_gain_over_first_order`` ≥ 0.003: test AUC minus a first-order model's (``model=lr``) on the same file.
+  On the control nothing should clear it (the spec's "AMEIR-C within 0.003 AUC of a first-order model").
+Structure statistics are measured on the planted case only.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from autorecbench.validate.base import MethodValidation, Statistic, register_validation
+
+PAIR = ("age_level", "cate_id")
+TRIPLE = ("cms_group_id", "pid", "brand")
+INFORMATIVE = {"age_level", "pid", "customer", "cate_id", "cms_group_id", "brand"}
+ORDER_SENSITIVE = {"conv3", "bigru"}
+# quick: a few minutes per measurement on 2 cores (shared work kept per case and seed); full: the spec's counts.
+BUDGETS: dict[bool, dict[str, Any]] = {
+    True: {"samples": 20_000, "random_architectures": 3, "fit_epochs": 4, "step_epochs": 2},
+    False: {"samples": 200_000, "random_architectures": 20, "fit_epochs": 20, "step_epochs": 1},
+}
+# 20% clicks (the generator's default is Alimama's 5%): four times the positives on a small file
+COMMON = ["data.generator.interest_strength=0", "data.generator.base_ctr=0.2", "data.generator.order_pair_rate=0.5"]
+SIGNAL = [*COMMON, "data.generator.order_strength=2.0"]
+NO_SIGNAL = [*COMMON, "data.generator.order_strength=0", "data.generator.pair_strength=0",
+             "data.generator.triple_strength=0"]
+
+
+@dataclass
+class Shared:
+    """What every subject of one (case, seed) compares against, computed once."""
+
+    first_order_auc: float = float("nan")
+    random_aucs: list[float] = field(default_factory=list)
+    random_structure: dict[str, float] = field(default_factory=dict)
+
+
+@register_validation
+class AMEIRValidation(MethodValidation):
+    method = "ameir"
+    cases = ("planted", "control")
+    _shared: ClassVar[dict[tuple[str, int, bool, str], Shared]] = {}
+
+    def expected(self, case: str, subject: str, statistic: str) -> bool | None:
+        if subject == "method":
+            return None
+        if case == "control":
+            if statistic == "auc_gain_over_first_order":
+                return False  # no interaction or sequence signal: nothing beats a first-order model
+            return None if subject == "oracle" else False
+        if subject == "null" and statistic == "auc_gain_over_first_order":
+            return None  # random networks may learn the pair too
+        return subject == "oracle"
+
+    def measure(self, case: str, subject: str, seed: int, quick: bool, workdir: Path) -> list[Statistic]:
+        runs = Runs(workdir, case, seed, quick)
+        shared = self._shared_work(runs, case, seed, quick, workdir)
+        if subject == "method":
+            arch, auc = runs.search_and_fit()
+            structure = structure_statistics(arch)
+        elif subject == "oracle":
+            arch = oracle_architecture(runs.method().field_names)
+            auc = runs.fit(arch)
+            structure = structure_statistics(arch)
+        else:
+            auc = statistics.median(shared.random_aucs)
+            structure = shared.random_structure
+        out = [Statistic("auc_gain_over_first_order", auc - shared.first_order_auc, 0.003)]
+        if case == "planted":
+            out = [Statistic("order_sensitive_op", structure["order_sensitive_op"], 1.0),
+                   Statistic("planted_pair_kept", structure["planted_pair_kept"], 1.0),
+                   Statistic("planted_triple_kept", structure["planted_triple_kept"], 1.0),
+                   Statistic("informative_interaction_share", structure["informative_interaction_share"], 0.6),
+                   Statistic("auc_minus_random_median", auc - statistics.median(shared.random_aucs), 0.01), *out]
+            if subject == "method":
+                out.append(Statistic("auc_minus_oracle", auc - runs.oracle_auc(), -0.01))
+        return out
+
+    def _shared_work(self, runs: Runs, case: str, seed: int, quick: bool, workdir: Path) -> Shared:
+        key = (case, seed, quick, str(workdir))
+        if key in self._shared:
+            return self._shared[key]
+        stored = workdir / f"ameir-shared-{case}-{seed}-{'quick' if quick else 'full'}.json"
+        if stored.is_file():
+            shared = Shared(**json.loads(stored.read_text()))
+        else:
+            shared = Shared(first_order_auc=runs.first_order())
+            generator = torch.Generator().manual_seed(10_000 + seed)
+            structures = []
+            for _ in range(BUDGETS[quick]["random_architectures"]):
+                arch = runs.random_architecture(generator)
+                shared.random_aucs.append(runs.fit(arch))
+                structures.append(structure_statistics(arch))
+            shared.random_structure = {k: statistics.fmean(s[k] for s in structures) for k in structures[0]}
+            stored.parent.mkdir(parents=True, exist_ok=True)
+            stored.write_text(json.dumps(shared.__dict__))
+        self._shared[key] = shared
+        return shared
+
+
+def structure_statistics(arch: dict[str, Any]) -> dict[str, float]:
+    """The structure statistics of an ``architecture.json``."""
+    kept = [frozenset(i) for i in arch["interactions"]]
+    return {
+        "order_sensitive_op": float(any(b["layer"] in ORDER_SENSITIVE for b in arch["blocks"])),
+        "planted_pair_kept": float(frozenset(PAIR) in kept),
+        "planted_triple_kept": float(frozenset(TRIPLE) in kept),
+        "informative_interaction_share": (sum(i <= INFORMATIVE for i in kept) / len(kept)) if kept else 0.0,
+    }
+
+
+def oracle_architecture(fields: list[str]) -> dict[str, Any]:
+    """The architecture read from the truth (see the module docstring)."""
+    zero = {"norm": "none", "layer": "zero", "activation": "identity"}
+    return {"variant": "C", "blocks": [{"norm": "none", "layer": "conv3", "activation": "relu"}, zero, zero],
+            "readout": ["sum", "last", "attention"],
+            "interactions": [[f for f in fields if f in PAIR], [f for f in fields if f in TRIPLE]],
+            "interaction_mode": "mlp+se", "first_order": False, "mlp_hidden": None, "mlp_activations": ["relu", "relu"]}
+
+
+# ---------------------------------------------------------------- runs, in process
+
+class Runs:
+    """AMEIR searches, re-trains of given architectures and the first-order model on one case's file, in this
+    process, through the offline runner (the data generated and prepared once, under ``workdir``)."""
+
+    _oracle: ClassVar[dict[tuple[str, int, bool, str], float]] = {}
+
+    def __init__(self, workdir: Path, case: str, seed: int, quick: bool) -> None:
+        budget = BUDGETS[quick]
+        self.key = (case, seed, quick, str(workdir))
+        self.seed = seed
+        self.base = [f"paths.root={workdir}", f"seed={seed}", "task=binary", "quiet=true", "data=synthetic-alimama",
+                     f"data.generator.samples={budget['samples']}", f"data.generator.seed={seed}",
+                     *(SIGNAL if case == "planted" else NO_SIGNAL), "runner.batch_size=1024",
+                     f"runner.epochs={budget['fit_epochs']}"]
+        self.ameir = ["method=ameir", "method.budget=quick", f"method.step_epochs={budget['step_epochs']}"]
+        self._loaded: Any = None
+
+    def _load(self, extra: list[str] | None = None) -> tuple[Any, Any, Any, Any]:
+        """(config with ``extra`` or AMEIR's overrides, prepared data, offline data, runner)."""
+        from autorecbench.config import compose, resolve_device, validate
+        from autorecbench.data.cache import DatasetConfig, prepare
+        from autorecbench.data.schema import TaskSpec
+        from autorecbench.runners.offline import OfflineConfig, OfflineProtocol
+
+        cfg = compose([*self.base, *(extra if extra is not None else self.ameir)])
+        validate(cfg)
+        if self._loaded is None:
+            data_cfg = DatasetConfig.from_mapping(cfg.data)
+            prepared = prepare(data_cfg)
+            options = {k: v for k, v in cfg.runner.items() if k != "name"}
+            runner = OfflineProtocol(OfflineConfig(**options))
+            data = runner.load(prepared, TaskSpec.from_name("binary"), resolve_device(str(cfg.device)), data_cfg)
+            self._loaded = (prepared, data, runner)
+        return (cfg, *self._loaded)
+
+    def method(self, extra: list[str] | None = None) -> Any:
+        from autorecbench.data.schema import TaskSpec
+        from autorecbench.execute import seed_everything
+        from autorecbench.methods.base import MethodContext, method_class
+
+        cfg, prepared, data, _ = self._load(extra)
+        seed_everything(self.seed, True)
+        cls = method_class(str(cfg.method.name), "offline")
+        return cls(MethodContext(prepared.schema, TaskSpec.from_name("binary"), cfg.method, cfg.model,
+                                 data.train.device, self.seed))
+
+    def _run(self, method: Any) -> float:
+        _, _, data, runner = self._load()
+        return float(runner.run(method, data).headline["auc"])
+
+    def search_and_fit(self) -> tuple[dict[str, Any], float]:
+        method = self.method()
+        auc = self._run(method)
+        return method.searched, auc
+
+    def fit(self, architecture: dict[str, Any]) -> float:
+        """Train ``architecture`` from scratch (no search) with the runner's budget: its test AUC."""
+        method = self.method()
+        arch = dict(architecture)
+        if arch["mlp_hidden"] is None:  # the widest MLP: K0 in both layers
+            arch["mlp_hidden"] = [method.new_net(method.spec_from({**arch, "mlp_hidden": [1, 1]})).in_dim] * 2
+        method.search = lambda loop: arch  # type: ignore[method-assign]
+        return self._run(method)
+
+    def oracle_auc(self) -> float:
+        if self.key not in self._oracle:
+            self._oracle[self.key] = self.fit(oracle_architecture(self.method().field_names))
+        return self._oracle[self.key]
+
+    def first_order(self) -> float:
+        return self._run(self.method(["method=fixed", "model=lr"]))
+
+    def random_architecture(self, generator: torch.Generator) -> dict[str, Any]:
+        return self.method().random_architecture(generator)
