@@ -79,7 +79,7 @@ def test_two_processes_match_one_process_and_write_one_folder(home: Path) -> Non
 @pytest.mark.slow
 @pytest.mark.parametrize("method", [["method=autodim", "method.search_epochs=3"],
                                     ["method=autofis", "model=fm", "runner.epochs=2"],
-                                    ["method=autoloss", "runner.epochs=2"]])
+                                    ["method=autoloss", "runner.epochs=2", "method.xi=0"]])
 def test_search_methods_run_data_parallel(home: Path, method: list[str]) -> None:
     """AutoDim (bi-level α step), AutoFIS (GRDA gates inside the DDP model) and AutoLoss (controller steps on
     shares of a validation batch) keep both processes in step, learn the planted signal and do no worse than
@@ -110,12 +110,13 @@ def test_refusals_before_anything_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     validate(compose([*ctr, "method=fixed"]))  # FIXED, AutoFIS, AutoDim, AutoLoss run
     validate(compose([*ctr, "method=autofis", "model=fm"]))
     validate(compose([*ctr, "method=autodim"]))
-    validate(compose([*ctr, "method=autoloss"]))
+    validate(compose([*ctr, "method=autoloss", "method.xi=0"]))
     cases = [([*ctr, "method=autodim", "method.gumbel_noise=batch"], "per-process sampling"),
              ([*ctr, "runner.batch_size=2001"], "runner.batch_size=2001 must split into 2 equal parts"),
              ([*ctr, "runner.valid_batch_size=3"], "runner.valid_batch_size=3 must split"),
              (["method=darts"], "runner=streaming cannot run data-parallel"),
-             ([*ctr, "method=autoias"], "method autoias cannot run data-parallel: its supernet search")]
+             ([*ctr, "method=autoias"], "method autoias cannot run data-parallel: its supernet search"),
+             ([*ctr, "method=autoloss"], "Eq. 13's unrolled step")]
     for overrides, fragment in cases:
         with pytest.raises(UserError, match=fragment):
             validate(compose(overrides))
