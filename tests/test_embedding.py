@@ -284,3 +284,61 @@ def test_flat_adam_falls_back_when_the_fused_kernel_is_missing(monkeypatch: pyte
             layer(x).sum().backward()
             opt.step()
     assert not fused._fused and torch.allclose(a.weight, b.weight) and not torch.equal(a.weight, torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("mode", ["lazy", "dense"])
+def test_the_static_store_equals_the_default_store_step_by_step(mode: str) -> None:
+    """StaticMixedDimEmbedding (per-row masked reads/writes, device free lists, growth only in make_room) against
+    MixedDimEmbedding over the same random batches: stores, enlargements with given values, Adam steps; every
+    entity's size and value agree, slots never collide, the sink stays zero, and the device is read rarely."""
+    from autorecbench.data.stream import batch_groups
+    from autorecbench.models.embedding import StaticMixedDimEmbedding
+
+    gen = torch.Generator().manual_seed(0)
+    n, rows, rounds = 40, 12, 30
+    options = {"init_std": 1.0, "seed": 0, "stream": 0, "device": CPU, "min_capacity": 2, "growth": 2.0,
+               "mode": mode, "lr": 0.01}
+    default = MixedDimEmbedding(n, SIZES, **options)
+    static = StaticMixedDimEmbedding(n, SIZES, headroom=5, **options)
+    for _ in range(rounds):
+        ids = torch.randint(0, n, (rows,), generator=gen)
+        groups = batch_groups(ids)
+        static.make_room(rows)
+        shapes = [t.shape for t in static.tables]
+        default.ensure(ids)
+        static.ensure_rows(ids, groups)
+        says = torch.rand(rows, generator=gen) < 0.3
+        lookup = static.rows(ids)
+        moves = (groups.per_group_sum(says.long()) > 0) & (lookup.size_index < len(SIZES) - 1)
+        new_values = [torch.randn(rows, SIZES[k + 1], generator=gen) for k in range(len(SIZES) - 1)]
+        moving = torch.unique(ids[moves])
+        if moving.numel():  # the default store gets each moving entity's value from its first row
+            first = [int((ids == i).nonzero()[0]) for i in moving.tolist()]
+            target = default.size_index(moving) + 1
+            values = [None] + [torch.stack([new_values[int(t) - 1][r] for r, t in zip(first, target) if t == k])
+                               if bool((target == k).any()) else None for k in range(1, len(SIZES))]
+            default.move(moving, values, target)
+        static.move_rows_up(ids, groups, lookup, moves, new_values)
+        grads = torch.randn(rows, SIZES[-1], generator=gen)
+        distinct = default.lookup(ids, distinct=True)
+        per_entry = torch.zeros(len(distinct.entry_ids), SIZES[-1]).index_add_(0, distinct.entry_of_row, grads)
+        default.apply_gradients(distinct, [per_entry[distinct.group(k), : SIZES[k]] for k in range(len(SIZES))])
+        after = static.rows(ids)
+        static.step_rows(groups, after, [torch.where((after.size_index == k)[:, None], grads[:, : SIZES[k]], 0.0)
+                                         for k in range(len(SIZES))])
+        assert [t.shape for t in static.tables] == shapes  # a step never grows a table
+    everyone = torch.arange(n)
+    assert torch.equal(default.size_of, static.size_of) and default.counts() == static.counts()
+    stored = everyone[default.size_of >= 0]
+    expected, got = default.lookup(stored), static.rows(stored)
+    for k in range(len(SIZES)):
+        mine = got.values[k][got.size_index == k]
+        assert torch.allclose(expected.values[k], mine, atol=1e-6), k
+    high_water = static.high_water_t.tolist()
+    for k in range(len(SIZES)):
+        live = static.slot_of[static.size_of == k].long()
+        free = static.free[k][1: int(static.n_free_t[k]) + 1]
+        handed_out = sorted(live.tolist() + free.tolist())
+        assert handed_out == list(range(1, high_water[k]))  # every slot either live or free, never both
+        assert not bool(static.tables[k][0].any()) and not bool(static.moments[k][0].any())  # the sink
+    assert 0 < static.device_reads <= rounds // 5 + 1  # at most one read per `headroom` steps

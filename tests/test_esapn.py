@@ -46,11 +46,12 @@ def test_within_batch_rank_and_last_rows() -> None:
     assert last_rows(ids).tolist() == [False, False, False, True, True, True]
 
 
-def test_reward_queue_keeps_the_last_t_losses_of_each_entity() -> None:
+@pytest.mark.parametrize("sink", [False, True])  # True: the static step's push (one fixed-length scatter)
+def test_reward_queue_keeps_the_last_t_losses_of_each_entity(sink: bool) -> None:
     """Against a deque per entity, with repeated entities in a batch and wrap-around."""
     gen = torch.Generator().manual_seed(0)
     n, window = 7, 3
-    queue = LossQueue(n, window, CPU)
+    queue = LossQueue(n, window, CPU, sink=sink)
     reference = {i: deque(maxlen=window) for i in range(n)}
     for _ in range(40):
         ids = torch.randint(0, n, (int(torch.randint(1, 12, (1,), generator=gen)),), generator=gen)
@@ -64,7 +65,7 @@ def test_reward_queue_keeps_the_last_t_losses_of_each_entity() -> None:
             expected = sum(reference[i]) / len(reference[i]) if reference[i] else 0.0
             assert abs(float(mean[i]) - expected) < 1e-6
     # More than T losses of one entity in one batch: only the last T count.
-    q = LossQueue(2, 3, CPU)
+    q = LossQueue(2, 3, CPU, sink=sink)
     q.push(torch.tensor([1, 1, 1, 1, 1]), torch.tensor([9.0, 9.0, 1.0, 2.0, 3.0]))
     assert q.mean(torch.tensor([1]))[0].item() == pytest.approx(2.0)
 
@@ -354,10 +355,11 @@ def test_the_reward_depends_on_the_action_with_per_size_norm_and_not_with_select
     assert [r["metric"] for r in make(prepared, sensitivity_every=0).metrics()] == ["policy_enlarge_share"]
 
 
-def test_reward_queue_of_the_official_code_keeps_one_loss_per_entity_per_batch() -> None:
+@pytest.mark.parametrize("sink", [False, True])
+def test_reward_queue_of_the_official_code_keeps_one_loss_per_entity_per_batch(sink: bool) -> None:
     """reward_queue=batches: an entity's last row of each batch enters its FIFO, and the count is in batches."""
     gen = torch.Generator().manual_seed(1)
-    queue = LossQueue(5, 3, CPU, per_batch=True)
+    queue = LossQueue(5, 3, CPU, per_batch=True, sink=sink)
     reference = {i: deque(maxlen=3) for i in range(5)}
     for _ in range(25):
         ids = torch.randint(0, 5, (8,), generator=gen)

@@ -238,6 +238,10 @@ SIGKILL_CASES = {
     "streaming-esapn": ([*STREAM[:1], "data.generator.n_interactions=30000", "data.generator.n_users=300",
                          "data.generator.n_items=400", "runner.batch_size=200", "runner.checkpoint_every=10",
                          "method=esapn"], (2, 6, 10)),
+    # the static-shape step: device free lists and counters, tables grown between steps, through a checkpoint
+    "streaming-esapn-static": ([*STREAM[:1], "data.generator.n_interactions=30000", "data.generator.n_users=300",
+                                "data.generator.n_items=400", "runner.batch_size=200", "runner.checkpoint_every=10",
+                                "method=esapn", "method.static_shapes=true"], (2, 6, 10)),
     "offline-autofis": ([*CTR[:-2], "data.generator.rows=40000", "runner.epochs=3", "runner.checkpoint_every=4",
                          "method=autofis", "model=fm", "method.search_epochs=1"], (3, 9, 16)),
     "offline-autoloss": ([*CTR[:-2], "data.generator.rows=40000", "runner.epochs=3", "runner.checkpoint_every=4",

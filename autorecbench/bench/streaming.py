@@ -47,6 +47,7 @@ def _one(args: argparse.Namespace) -> dict[str, Any]:
         f"data.generator.n_interactions={args.rows}",
         f"data.generator.n_users={args.users}", f"data.generator.n_items={args.items}",
         f"method.embedding_optimizer={args.optimizer}", f"task={args.task}",
+        *([f"method.static_shapes={args.static_shapes}"] if args.static_shapes else []),
     ]
     cfg = compose(overrides)
     device = resolve_device(args.device)
@@ -80,6 +81,7 @@ def _one(args: argparse.Namespace) -> dict[str, Any]:
         "embedding_optimizer_bytes": memory.embedding_optimizer_bytes,
         "parameters": memory.parameters,
         "torch_threads": torch.get_num_threads(),
+        "static_shapes": bool(getattr(method, "static", False)),
         "gpu": envinfo.hardware(device).get("gpu"),
     }
 
@@ -95,6 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dense-rows", type=int, default=200_000,
                         help="rows for dense-Adam configurations, which touch every table row at every step")
     parser.add_argument("--task", default="binary")
+    parser.add_argument("--static-shapes", choices=("auto", "true", "false"), default=None,
+                        help="method.static_shapes for every method (default: each method's own, auto)")
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--root", default=None, help="folder for the synthetic data (default: a temporary one)")
     parser.add_argument("--repeat", type=int, default=1,
@@ -125,7 +129,8 @@ def main(argv: list[str] | None = None) -> None:
                     cmd = [sys.executable, "-m", "autorecbench.bench.streaming", "--one", f"--method={method}",
                            f"--optimizer={optimizer}", f"--rows={rows}", f"--users={args.users}",
                            f"--items={args.items}", f"--device={args.device}", f"--task={args.task}",
-                           f"--batch-size={args.batch_size}", f"--root={root}"]
+                           f"--batch-size={args.batch_size}", f"--root={root}",
+                           *([f"--static-shapes={args.static_shapes}"] if args.static_shapes else [])]
                     label = f" (round {round_ + 1}/{args.repeat})" if args.repeat > 1 else ""
                     console.print(f"[dim]running {method} ({optimizer} Adam) on {rows:,} rows{label} …[/]")
                     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -156,7 +161,8 @@ def main(argv: list[str] | None = None) -> None:
         ratios = [fixed[x["round"]] / x["interactions_per_second"] for x in results if x["round"] in fixed]
         ratio = f"{statistics.median(ratios):.2f}×" if ratios and method != "fixed" else "–"
         table.add_row(
-            method, optimizer, r["gpu"] or r["device"], f"{r['rows']:,}", speed, ratio,
+            method + (" (static)" if r.get("static_shapes") else ""), optimizer, r["gpu"] or r["device"],
+            f"{r['rows']:,}", speed, ratio,
             f"{r['stream_seconds']:.1f}", f"{r['peak_rss_bytes'] / mib:,.0f}",
             "–" if r["cuda_peak_bytes"] is None else f"{r['cuda_peak_bytes'] / mib:,.0f}",
             f"{r['embedding_bytes'] / mib:,.1f}", f"{r['embedding_optimizer_bytes'] / mib:,.1f}",

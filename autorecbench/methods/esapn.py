@@ -104,6 +104,31 @@ Choices the paper leaves open, as config values (``conf/method/esapn.yaml``), de
   forward passes of the rating model without gradients).
 - Batch-norm layers follow ``model.batch_norm``: with ``batch`` they use the batch's statistics (the official
   code); with ``running`` the reward and argmax passes use running statistics and leave them unchanged.
+- ``static_shapes: auto`` (CUDA: true, CPU: false; :func:`~autorecbench.methods.base.static_shapes`), below.
+- ``capacity_headroom: 8``: with the static step, a size table short of room for this many batches of new slots
+  grows (geometrically, ``capacity_growth``) between steps.
+
+The static-shape step (``static_shapes: true``): the same algorithm with every per-batch tensor shaped by the
+batch size and nothing read back to the host, so the step can be compiled with ``fullgraph=True`` (proven in
+``tests/test_static_step.py``) or captured in a CUDA graph. :meth:`Esapn.predict_and_learn` is then
+:meth:`Esapn.prepare_step` (host, between steps: the validation rows, line 3's uniforms from the same CPU
+generator in the same order, whether this policy step measures the sensitivity, and table growth) followed by
+:meth:`Esapn.static_step` (the device part). What changes:
+- the store is a :class:`~autorecbench.models.embedding.StaticMixedDimEmbedding`: per-row reads (a gather per
+  size, rows at other sizes read a zero sink slot), the unified embedding level by level
+  (``where(size == k, e_k, W h)``, :meth:`~autorecbench.models.embedding.ChainedMaps.rows`), slots handed out from
+  device free lists by a cumulative sum, Adam per row with duplicate rows summed per entity, and growth decided
+  on the host from a worst-case bound (the device's counters are read only when that bound passes a capacity:
+  at most once per ``capacity_headroom`` steps);
+- the policy runs once per row (as the official code), not per distinct state; decisions are masks, line 5's
+  loss is computed on every row, and the policy's Adam step is skipped on the device (parameters, moments and
+  step count kept) where the default step takes none (no row with a term);
+- the reward FIFOs write through one fixed-length scatter with a sink row.
+The two steps compute the same function: one step from the same state gives the same gradients up to float
+rounding (< 1e-7). Over a stream the metrics differ by ~1e-4 with ``norm_scope: per_size`` (~1e-5 with
+``selected``): the maps' biases feed a per-size batch-norm, so their exact gradients are zero and what each step
+computes for them is rounding noise, which Adam scales to steps of up to ~lr; the noise differs between the two
+summation orders (per row vs per distinct entity), and the model's trajectory follows.
 """
 
 from __future__ import annotations
@@ -112,16 +137,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from autorecbench.data.stream import StreamBatch, StreamHistory, within_batch_rank
+from autorecbench.data.stream import BatchGroups, StreamBatch, StreamHistory, batch_groups, within_batch_rank
 from autorecbench.errors import UserError
-from autorecbench.methods.base import MemoryReport, MethodContext, register_method, set_training
+from autorecbench.methods.base import MemoryReport, MethodContext, register_method, set_training, static_shapes
 from autorecbench.methods.sizesearch import FIELDS, SizeSearchMethod, last_rows
 from autorecbench.models.activations import tanh
 from autorecbench.models.controller import FrequencyEncoder, StateMLP
-from autorecbench.models.embedding import ChainedMaps, Lookup, MixedDimEmbedding
+from autorecbench.models.embedding import ChainedMaps, Lookup, MixedDimEmbedding, RowLookup, StaticMixedDimEmbedding
 from autorecbench.models.norm import NORM_AFFINE, SizeNorm
 from autorecbench.models.rating import output_probabilities, per_example_loss
 from autorecbench.train.optim import flat_adam, tensor_bytes
@@ -138,16 +162,24 @@ class LossQueue:
 
     ``push`` takes rows in stream order (an entity may have several in a batch); only each entity's last T
     rows of the batch can survive, and each goes to slot ``(pushes before + rank in batch) mod T``. With
-    ``per_batch`` (the official code) only each entity's last row of the batch is pushed.
+    ``per_batch`` (the official code) only each entity's last row of the batch is pushed. With ``sink`` (the
+    static-shape step) the buffer has one more row, ``n``, where the rows that do not survive write, so a push
+    is one scatter of fixed length (the same values land in the same places).
     """
 
-    def __init__(self, n: int, window: int, device: torch.device, per_batch: bool = False) -> None:
+    def __init__(self, n: int, window: int, device: torch.device, per_batch: bool = False, sink: bool = False) -> None:
         self.window = window
         self.per_batch = per_batch
-        self.losses = torch.zeros(n, window, device=device)
-        self.count = torch.zeros(n, dtype=torch.int64, device=device)
+        self.sink = n if sink else None
+        self.losses = torch.zeros(n + int(sink), window, device=device)
+        self.count = torch.zeros(n + int(sink), dtype=torch.int64, device=device)
 
-    def push(self, ids: torch.Tensor, losses: torch.Tensor) -> None:
+    def push(self, ids: torch.Tensor, losses: torch.Tensor, groups: BatchGroups | None = None) -> None:
+        """``groups``: :func:`~autorecbench.data.stream.batch_groups` of ``ids`` (the static push computes it
+        otherwise)."""
+        if self.sink is not None:
+            self._push_static(ids, losses, groups or batch_groups(ids))
+            return
         if self.per_batch:
             last = last_rows(ids)
             ids, losses = ids[last], losses[last]
@@ -156,6 +188,18 @@ class LossQueue:
         slot = (self.count[ids] + rank) % self.window
         self.losses[ids[keep], slot[keep]] = losses[keep].detach().to(self.losses.dtype)
         self.count.index_add_(0, ids, torch.ones_like(ids))
+
+    def _push_static(self, ids: torch.Tensor, losses: torch.Tensor, groups: BatchGroups) -> None:
+        if self.per_batch:  # each entity's last row only, as its only push of the batch
+            keep = groups.last
+            rank, pushes = torch.zeros_like(ids), keep.to(torch.int64)
+        else:
+            rank, pushes = groups.rank, torch.ones_like(ids)
+            keep = rank >= groups.count - self.window
+        slot = (self.count.index_select(0, ids) + rank) % self.window
+        cell = torch.where(keep, ids, self.sink) * self.window + slot
+        self.losses.view(-1).index_copy_(0, cell, torch.where(keep, losses.detach().to(self.losses.dtype), 0.0))
+        self.count.index_add_(0, ids, pushes)
 
     def mean(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean of each id's last min(count, T) losses, and that number (0: no loss yet, mean 0)."""
@@ -202,6 +246,22 @@ class FieldRows:
     size_index: torch.Tensor
 
 
+@dataclass
+class StepInputs:
+    """What the host prepares for one static step (:meth:`Esapn.prepare_step`): the validation batch (None
+    before anything was trained), line 3's uniforms ``[fields, rows]`` and whether this policy step measures
+    ``policy_action_sensitivity``."""
+
+    valid: StreamBatch | None
+    uniforms: torch.Tensor | None
+    measure: bool
+
+
+def one_hot(index: torch.Tensor, n: int) -> torch.Tensor:
+    """``[rows, n]`` float one-hot of ``index`` (a scatter: ``F.one_hot`` checks its range on the host)."""
+    return torch.zeros(index.shape[0], n, device=index.device).scatter_(1, index[:, None], 1.0)
+
+
 @register_method
 class Esapn(SizeSearchMethod):
     name = "esapn"
@@ -226,12 +286,16 @@ class Esapn(SizeSearchMethod):
         self.policies = torch.nn.ModuleDict()
         self.size_norms = torch.nn.ModuleDict()  # empty with norm_scope=selected
         self.queues: dict[str, LossQueue] = {}
+        # The static-shape step (method.static_shapes): per-row reads and writes, nothing read back to the host.
+        self.static = static_shapes(cfg, ctx.device)
+        store_class, extra = ((StaticMixedDimEmbedding, {"headroom": int(cfg.get("capacity_headroom", 8))})
+                              if self.static else (MixedDimEmbedding, {}))
         for stream, field in enumerate(FIELDS):
-            self.stores[field] = MixedDimEmbedding(
+            self.stores[field] = store_class(
                 self.n_entities[field], self.sizes, init_std=float(cfg.init_std), seed=ctx.seed, stream=stream,
                 device=ctx.device, mode=str(cfg.embedding_optimizer), lr=float(cfg.lr),
                 initial_size=self.initial_index, growth=float(cfg.capacity_growth),
-                min_capacity=int(cfg.min_capacity),
+                min_capacity=int(cfg.min_capacity), **extra,
             )
             self.maps[field] = ChainedMaps(self.sizes)
             if str(cfg.norm_scope) == "per_size":
@@ -241,7 +305,7 @@ class Esapn(SizeSearchMethod):
                                        self.batch_norm)
             self.policies[field] = StateMLP(encoder, len(self.sizes), int(cfg.hidden), 2, self.batch_norm)
             self.queues[field] = LossQueue(self.n_entities[field], self.window, ctx.device,
-                                           per_batch=str(cfg.reward_queue) == "batches")
+                                           per_batch=str(cfg.reward_queue) == "batches", sink=self.static)
         for module in (self.model, self.maps, self.size_norms, self.policies):
             module.to(ctx.device)
         self.model_optimizer = flat_adam(
@@ -265,6 +329,8 @@ class Esapn(SizeSearchMethod):
             raise UserError(f"method.reward_window must be >= 1, got {cfg.reward_window}")
         if float(cfg.capacity_growth) <= 1 or int(cfg.min_capacity) < 1:
             raise UserError("method.capacity_growth must be > 1 and method.min_capacity >= 1")
+        if int(cfg.get("capacity_headroom", 8)) < 1:
+            raise UserError(f"method.capacity_headroom must be >= 1, got {cfg.capacity_headroom}")
         for key, allowed in (("short_history", SHORT_HISTORY), ("norm_scope", NORM_SCOPES),
                              ("norm_affine", NORM_AFFINE), ("reward_queue", REWARD_QUEUES),
                              ("top_size", TOP_SIZE_ROWS)):
@@ -310,31 +376,55 @@ class Esapn(SizeSearchMethod):
     def _logits(self, fields: dict[str, FieldRows], rows: torch.Tensor | None = None) -> torch.Tensor:
         return self.model([self._embedded(f, fields[f]) for f in FIELDS], rows=rows)
 
-    def _rows(self, field: str, lookup: Lookup, size_index: torch.Tensor | None = None) -> FieldRows:
+    def _lookup(self, field: str, ids: torch.Tensor, maybe_unstored: bool = False) -> Lookup | RowLookup:
+        """The rows of ``ids``: one entry per distinct entity (default step), or per row (static step;
+        ``maybe_unstored``: entities never stored read their initial values, as the default lookup's do)."""
+        store = self.stores[field]
+        if isinstance(store, StaticMixedDimEmbedding):
+            return store.rows(ids, maybe_unstored)
+        return store.lookup(ids, distinct=True)
+
+    def _rows(self, field: str, lookup: Lookup | RowLookup, size_index: torch.Tensor | None = None) -> FieldRows:
         """``lookup``'s rows, normalised in their own size group or in ``size_index``'s (a temporary size: by
         Eq. 1 an enlargement through W leaves the unified embedding as it is, only its group changes)."""
-        return FieldRows(self.maps[field](lookup), lookup.size_index if size_index is None else size_index)
+        maps = self.maps[field]
+        unified = maps.rows(lookup) if isinstance(lookup, RowLookup) else maps(lookup)
+        return FieldRows(unified, lookup.size_index if size_index is None else size_index)
 
     def enlarges(self, field: str, batch: StreamBatch, size_index: torch.Tensor) -> torch.Tensor:
         """Lines 8-9's decision per row: whether the row's policy state says "enlarge" (argmax) and its entity
-        is below the top size."""
-        states = self._states(field, self._policy_frequency(batch, field), size_index)
-        logits = states.logits(set_training(self.policies[field], False))
-        says = (logits[:, ENLARGE] > logits[:, UNCHANGE]) & (states.size_index < len(self.sizes) - 1)
-        return says.index_select(0, states.inverse)
+        is below the top size. The static step runs the policy on every row, the default on distinct states."""
+        if self.static:
+            logits = self._row_logits(field, batch, size_index, training=False)
+        else:
+            states = self._states(field, self._policy_frequency(batch, field), size_index)
+            logits = states.logits(set_training(self.policies[field], False)).index_select(0, states.inverse)
+        return (logits[:, ENLARGE] > logits[:, UNCHANGE]) & (size_index < len(self.sizes) - 1)
+
+    def _row_logits(self, field: str, batch: StreamBatch, size_index: torch.Tensor, training: bool) -> torch.Tensor:
+        """The policy's logits ``[rows, 2]``, one evaluation per row (the static step; the official code's way)."""
+        policy = set_training(self.policies[field], training)
+        return policy(self._policy_frequency(batch, field), one_hot(size_index, len(self.sizes)))
+
+    def _entity_enlarges(self, lookup: Lookup | RowLookup, ids: torch.Tensor, says: torch.Tensor) -> torch.Tensor:
+        """Per row, whether any row of its entity ``says`` enlarge (int64 0/1)."""
+        if isinstance(lookup, RowLookup):
+            return (batch_groups(ids).per_group_sum(says.to(torch.int64)) > 0).to(torch.int64)
+        entry_enlarges = torch.zeros(sum(lookup.counts), dtype=torch.int64, device=says.device)
+        entry_enlarges.index_add_(0, lookup.entry_of_row, says.to(torch.int64))
+        return (entry_enlarges > 0).to(torch.int64).index_select(0, lookup.entry_of_row)
 
     def predict(self, batch: StreamBatch) -> torch.Tensor:
         set_training(self.model, False)
         set_training(self.size_norms, False)
         fields = {}
         for field in FIELDS:
-            lookup = self.stores[field].lookup(self._ids(batch, field)[0], distinct=True)
+            ids = self._ids(batch, field)[0]
+            lookup = self._lookup(field, ids, maybe_unstored=True)
             size_index = None
             if field in self.size_norms:  # lines 8-9 applied temporarily: an entity enlarges if any row says so
                 says = self.enlarges(field, batch, lookup.size_index)
-                entry_enlarges = torch.zeros(sum(lookup.counts), dtype=torch.int64, device=says.device)
-                entry_enlarges.index_add_(0, lookup.entry_of_row, says.to(torch.int64))
-                size_index = lookup.size_index + (entry_enlarges > 0).index_select(0, lookup.entry_of_row)
+                size_index = lookup.size_index + self._entity_enlarges(lookup, ids, says)
             fields[field] = self._rows(field, lookup, size_index)
         return output_probabilities(self.ctx.task, self._logits(fields))
 
@@ -380,8 +470,7 @@ class Esapn(SizeSearchMethod):
                 decided[rows] = True
             needed = None if bool(decided.all()) else decided.nonzero().squeeze(1)
             loss = self._row_losses(valid, adjusted, needed)
-            self.policy_steps += 1
-            if self.sensitivity_every and (self.policy_steps - 1) % self.sensitivity_every == 0:
+            if self._count_policy_step():
                 self._measure_sensitivity(valid, current)
         objective = torch.zeros((), device=self.ctx.device)
         for field in FIELDS:
@@ -401,6 +490,46 @@ class Esapn(SizeSearchMethod):
             objective.backward()
             self.policy_optimizer.step()  # Eq. 7 (Adam)
 
+    def _count_policy_step(self) -> bool:
+        """Count a policy step (on the host); whether it measures ``policy_action_sensitivity``."""
+        self.policy_steps += 1
+        return bool(self.sensitivity_every) and (self.policy_steps - 1) % self.sensitivity_every == 0
+
+    def _policy_step_static(self, valid: StreamBatch, uniforms: torch.Tensor, measure: bool) -> None:
+        """:meth:`policy_step` with static shapes: the policy on every row, the decisions as masks (rows that
+        take none weigh zero), and the policy's Adam step taken on the device only where some row had a term."""
+        top = len(self.sizes) - 1
+        current, adjusted, picked, eligible = {}, {}, {}, {}
+        for i, field in enumerate(FIELDS):
+            lookup = self.stores[field].rows(self._ids(valid, field)[0])
+            below = lookup.size_index < top
+            log_probs = torch.log_softmax(self._row_logits(field, valid, lookup.size_index, training=True), dim=1)
+            with torch.no_grad():
+                sampled = (uniforms[i] < log_probs[:, ENLARGE].exp()) & below  # line 3: a ~ π(·|s)
+                current[field] = self._rows(field, lookup)
+                adjusted[field] = FieldRows(current[field].unified, lookup.size_index + sampled)  # line 4
+            picked[field] = log_probs.gather(1, sampled.long()[:, None]).squeeze(1)
+            eligible[field] = below if self.top_size == "skip" else torch.ones_like(below)
+        set_training(self.model, False)
+        set_training(self.size_norms, False)
+        with torch.no_grad():
+            loss = self._row_losses(valid, adjusted)  # line 5, every row
+            if measure:
+                self._measure_sensitivity(valid, current)
+        objective = torch.zeros((), device=self.ctx.device)
+        any_terms = torch.zeros((), dtype=torch.bool, device=self.ctx.device)
+        least = self.window if self.short_history == "skip" else 1
+        for field in FIELDS:
+            past, have = self.queues[field].mean(self._ids(valid, field)[0])
+            keep = eligible[field] & (have >= least)
+            terms = torch.where(keep, -((past - loss) * picked[field]), 0.0)  # Eq. 2, Eq. 6
+            kept = keep.sum()
+            objective = objective + (terms.sum() / kept.clamp_min(1) if self.reduction == "mean" else terms.sum())
+            any_terms |= kept > 0
+        self.policy_optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        self.policy_optimizer.step(enabled=any_terms)  # Eq. 7 (Adam), skipped without terms as the default
+
     def _measure_sensitivity(self, valid: StreamBatch, current: dict[str, FieldRows]) -> None:
         """Accumulate |L(enlarge) − L(unchange)| over the validation rows below the top size, one field's rows
         enlarged at a time (no gradients; the tensors stay on the device)."""
@@ -410,13 +539,17 @@ class Esapn(SizeSearchMethod):
             below = current[field].size_index < top
             enlarged = {**current, field: FieldRows(current[field].unified, current[field].size_index + below)}
             diff = (self._row_losses(valid, enlarged) - unchanged).abs()
-            self.sensitivity_sum += diff[below].sum().to(torch.float64)
+            below_sum = torch.where(below, diff, 0.0).sum() if self.static else diff[below].sum()
+            self.sensitivity_sum += below_sum.to(torch.float64)
             self.sensitivity_rows += below.sum()
 
     @torch.no_grad()
     def select_sizes(self, batch: StreamBatch) -> None:
         """Algorithm 1 lines 8-9: argmax action per row; an entity enlarges (one step) if any of its rows
         says so, initialised through W (Eq. 1); its old slot is freed."""
+        if self.static:
+            self._select_sizes_static(batch)
+            return
         for field in FIELDS:
             ids = self._ids(batch, field)[0]
             store = self.stores[field]
@@ -427,6 +560,21 @@ class Esapn(SizeSearchMethod):
             chosen = torch.unique(ids[says])
             if chosen.numel():
                 self.enlarge(field, chosen)
+
+    def _select_sizes_static(self, batch: StreamBatch) -> None:
+        """:meth:`select_sizes` per row: new entities stored, every row's decision, each moving entity's new
+        value W e + b computed on every row and written from its first row."""
+        top = len(self.sizes) - 1
+        for field in FIELDS:
+            ids = self._ids(batch, field)[0]
+            store, groups, maps = self.stores[field], batch_groups(ids), self.maps[field]
+            assert isinstance(store, StaticMixedDimEmbedding)
+            store.ensure_rows(ids, groups)
+            lookup = store.rows(ids)
+            says = self.enlarges(field, batch, lookup.size_index)
+            self.decisions += torch.stack([(lookup.size_index < top).sum(), says.sum()])
+            moves = groups.per_group_sum(says.to(torch.int64)) > 0
+            store.move_rows_up(ids, groups, lookup, moves, [maps.step(k, lookup.values[k]) for k in range(top)])
 
     @torch.no_grad()
     def enlarge(self, field: str, ids: torch.Tensor) -> None:
@@ -446,7 +594,7 @@ class Esapn(SizeSearchMethod):
         set_training(self.size_norms, True)
         lookups, fields = {}, {}
         for field in FIELDS:
-            lookup = self.stores[field].lookup(self._ids(batch, field)[0], distinct=True)
+            lookup = self._lookup(field, self._ids(batch, field)[0])
             for v in lookup.values:
                 v.requires_grad_(True)
             lookups[field] = lookup
@@ -459,16 +607,25 @@ class Esapn(SizeSearchMethod):
         self.model_optimizer.step()
         for field in FIELDS:
             ids, freq = self._ids(batch, field)
-            lookup = lookups[field]
-            self.stores[field].apply_gradients(lookup, [v.grad for v in lookup.values])
-            self.queues[field].push(ids, losses)
-            self.by_frequency[field].add(freq, F.one_hot(lookup.size_index, len(self.sizes)))
+            lookup, store = lookups[field], self.stores[field]
+            grads = [v.grad for v in lookup.values]
+            if isinstance(store, StaticMixedDimEmbedding):
+                groups = batch_groups(ids)
+                store.step_rows(groups, lookup, grads)
+                self.queues[field].push(ids, losses, groups)
+            else:
+                store.apply_gradients(lookup, grads)
+                self.queues[field].push(ids, losses)
+            self.by_frequency[field].add(freq, one_hot(lookup.size_index, len(self.sizes)))
         self.count_rows(batch)
         return logits.detach(), loss.detach()
 
     def learn(self, batch: StreamBatch, history: StreamHistory) -> torch.Tensor:
         """One iteration of Algorithm 1."""
-        self.search(batch, history)
+        if self.static:
+            self._search_static(self.prepare_step(batch, history))
+        else:
+            self.search(batch, history)
         self.select_sizes(batch)
         return self.train_model(batch)[1]
 
@@ -484,7 +641,38 @@ class Esapn(SizeSearchMethod):
         predictions for ``batch`` with lines 8-9's sizes, then lines 8-10. With ``model.batch_norm=batch`` the
         predictions come from line 10's forward pass (one pass of the rating model per batch, as the official
         code); otherwise from :meth:`predict` just before lines 8-10 (the same numbers, up to float rounding)."""
+        if self.static:
+            return self.static_step(batch, self.prepare_step(batch, history))
         self.search(batch, history)
+        return self._test_then_train(batch)
+
+    def prepare_step(self, batch: StreamBatch, history: StreamHistory) -> StepInputs:
+        """The static step's host part, run between steps: the validation batch, line 3's uniforms (from the
+        method's CPU generator, in the default step's order: the same draws), whether this policy step measures
+        the sensitivity, and room in the stores for the step's worst case
+        (:meth:`~autorecbench.models.embedding.StaticMixedDimEmbedding.make_room`, the only place a table grows)."""
+        self._start_restart(history)
+        valid = self.validation_batch(batch, history)
+        uniforms, measure = None, False
+        if valid is not None:
+            uniforms = torch.stack([self.uniform(len(valid)) for _ in FIELDS])
+            measure = self._count_policy_step()
+        for store in self.stores.values():
+            assert isinstance(store, StaticMixedDimEmbedding)
+            store.make_room(len(batch))
+        return StepInputs(valid, uniforms, measure)
+
+    def static_step(self, batch: StreamBatch, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`predict_and_learn`'s device part with ``static_shapes``: static shapes, nothing read back to
+        the host (compiled with ``fullgraph=True`` in ``tests/test_static_step.py``)."""
+        self._search_static(inputs)
+        return self._test_then_train(batch)
+
+    def _search_static(self, inputs: StepInputs) -> None:
+        if inputs.valid is not None and inputs.uniforms is not None:
+            self._policy_step_static(inputs.valid, inputs.uniforms, inputs.measure)
+
+    def _test_then_train(self, batch: StreamBatch) -> tuple[torch.Tensor, torch.Tensor]:
         if self.shares_forward_pass():
             self.select_sizes(batch)
             logits, loss = self.train_model(batch)

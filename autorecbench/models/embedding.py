@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from autorecbench.data.stream import BatchGroups
 from autorecbench.models.activations import tanh
 from autorecbench.train.optim import check_mode, embedding_table, tensor_bytes
 
@@ -426,6 +427,194 @@ class MixedDimEmbedding:
         return out
 
 
+@dataclass
+class RowLookup:
+    """A batch's rows read from a :class:`StaticMixedDimEmbedding`, one entry per row (static shapes).
+
+    ``size_index``, ``slot``: each row's size index and slot (int64; slot 0, the sink, for an entity never
+    stored); ``values[k]``: ``[rows, sizes[k]]``, the row's stored value in the rows at size k and the sink's
+    zeros (unused) in the others."""
+
+    size_index: torch.Tensor
+    slot: torch.Tensor
+    values: list[torch.Tensor]
+
+
+class StaticMixedDimEmbedding(MixedDimEmbedding):
+    """:class:`MixedDimEmbedding` whose per-batch operations have static shapes and read nothing back to the
+    host (ESAPN ``method.static_shapes=true``): reads, allocation, moves and Adam are per row, masked.
+
+    - Row 0 of every size's table is a **sink**: reads of rows at other sizes and writes of masked rows go
+      there (gathers and scatters of fixed length); it stays zero, and so do its Adam moments. Real slots are
+      ``1 .. capacity``.
+    - Free lists and counters are device tensors: ``n_free[k]``, ``high_water[k]`` (the next never-used slot).
+      The rows that need a slot at size k take positions from one cumulative sum: the first ``n_free[k]`` of
+      them pop free slots (top first), the others take fresh slots from the high water mark.
+    - **Growth is a host decision between steps** (:meth:`make_room`): the host keeps an upper bound on each
+      high water mark (a step hands out at most ``arrivals`` fresh slots per size, one per batch row) and reads
+      the device's marks only when that bound passes a capacity; it then grows every size short of
+      ``headroom`` steps of arrivals (geometrically, by ``growth``). A step never grows a table, so its
+      shapes stay fixed between growths.
+    - Adam (``lazy``: the touched slots; ``dense``: every slot) is :class:`MixedDimEmbedding`'s arithmetic
+      (``torch.optim.Adam``'s update) with the step count on the device; duplicate rows of one entity sum their
+      gradients per entity (:class:`~autorecbench.data.stream.BatchGroups`) and write the same values.
+    """
+
+    def __init__(self, n: int, sizes: Sequence[int], *, headroom: int = 8, **kwargs: object) -> None:
+        super().__init__(n, sizes, **kwargs)  # type: ignore[arg-type]
+        if headroom < 1:
+            raise ValueError("headroom must be >= 1")
+        self.headroom = int(headroom)
+        device, k = self.device, self.n_sizes
+        self.tables = [torch.zeros(1, d, device=device) for d in self.sizes]  # the sink row only
+        self.moments = [torch.zeros(1, 2, d, device=device) for d in self.sizes]
+        self.free = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(k)]  # positions 1..n_free
+        self.n_free_t = torch.zeros(k, dtype=torch.int64, device=device)
+        self.high_water_t = torch.ones(k, dtype=torch.int64, device=device)
+        self.bound = [1] * k  # host: an upper bound on high_water_t, raised by every step's worst case
+        self.step_t = torch.zeros((), dtype=torch.float64, device=device)
+        self.device_reads = 0  # how often make_room read the device (a host sync each)
+
+    def capacity(self, k: int) -> int:
+        return int(self.tables[k].shape[0]) - 1
+
+    # ---------------------------------------------------------- host, between steps
+
+    def make_room(self, arrivals: int) -> None:
+        """Before a step in which at most ``arrivals`` rows can take a fresh slot at each size: grow what could
+        overflow. Reads the device's high water marks only when the host's bound passes a capacity."""
+        receiving = range(self.initial_size, self.n_sizes)  # no entity is ever below its initial size
+        if any(self.bound[k] + arrivals > self.capacity(k) + 1 for k in receiving):
+            high_water = self.high_water_t.tolist()  # the only device read, between steps
+            self.device_reads += 1
+            for k in receiving:
+                self.bound[k] = high_water[k]
+                target = high_water[k] + self.headroom * arrivals - 1
+                if target > self.capacity(k):
+                    self._grow(k, target)
+        for k in receiving:
+            self.bound[k] += arrivals
+
+    def _grow(self, k: int, needed: int) -> None:
+        cap = max(needed, math.ceil(self.capacity(k) * self.growth), self.min_capacity)
+        for store in (self.tables, self.moments, self.free):
+            old = store[k]
+            grown = old.new_zeros(cap + 1, *old.shape[1:])
+            grown[: old.shape[0]] = old
+            store[k] = grown
+
+    # ---------------------------------------------------------------- per step
+
+    def rows(self, ids: torch.Tensor, maybe_unstored: bool = False) -> RowLookup:
+        """Each row's size, slot and value (gathered copies, safe to give ``requires_grad``). ``maybe_unstored``:
+        rows of entities never stored read their initial values (otherwise every entity must be stored)."""
+        stored_size = self.size_of.index_select(0, ids).to(torch.int64)
+        unstored = stored_size < 0
+        size_index = torch.where(unstored, self.initial_size, stored_size)
+        slot = self.slot_of.index_select(0, ids).to(torch.int64).clamp_min(0)
+        values = []
+        for k in range(self.n_sizes):
+            value = self.tables[k].index_select(0, torch.where(size_index == k, slot, 0))
+            if maybe_unstored and k == self.initial_size:
+                value = torch.where(unstored[:, None], self.initial_values(ids, k), value)
+            values.append(value)
+        return RowLookup(size_index, slot, values)
+
+    def _allocate(self, k: int, need: torch.Tensor) -> torch.Tensor:
+        """A slot at size k for each row where ``need`` (0, the sink, elsewhere): free slots first (popped from
+        the top), then fresh ones; their Adam moments start at zero."""
+        position = torch.cumsum(need, 0) - 1
+        n_free = self.n_free_t[k]
+        reuse = need & (position < n_free)
+        reused = self.free[k].index_select(0, torch.where(reuse, n_free - position, 0))
+        fresh = self.high_water_t[k] + position - n_free
+        slot = torch.where(reuse, reused, torch.where(need, fresh, 0))
+        taken = need.sum()
+        from_free = torch.minimum(taken, n_free)
+        self.n_free_t[k] -= from_free
+        self.high_water_t[k] += taken - from_free
+        self.moments[k].index_fill_(0, slot, 0.0)
+        return slot
+
+    def _free_rows(self, k: int, leaving: torch.Tensor, slot: torch.Tensor) -> None:
+        """Push the slots of the rows where ``leaving`` onto size k's free list."""
+        position = torch.where(leaving, self.n_free_t[k] + torch.cumsum(leaving, 0), 0)
+        self.free[k].index_copy_(0, position, torch.where(leaving, slot, 0))
+        self.n_free_t[k] += leaving.sum()
+
+    def _assign(self, ids: torch.Tensor, groups: BatchGroups, moved: torch.Tensor, size: torch.Tensor,
+                leader_slot: torch.Tensor) -> None:
+        """Rows where ``moved`` (all rows of an entity, or none) now hold ``size``; their slot is the one their
+        entity's leader row got (``leader_slot``, 0 on other rows). Duplicates write equal values."""
+        slot = leader_slot.new_zeros(leader_slot.shape).index_add_(0, groups.group, leader_slot)
+        slot = slot.index_select(0, groups.group)
+        old_size = self.size_of.index_select(0, ids)
+        old_slot = self.slot_of.index_select(0, ids)
+        self.size_of.index_copy_(0, ids, torch.where(moved, size.to(old_size.dtype), old_size))
+        self.slot_of.index_copy_(0, ids, torch.where(moved, slot.to(old_slot.dtype), old_slot))
+
+    def ensure_rows(self, ids: torch.Tensor, groups: BatchGroups) -> None:
+        """Store every entity of ``ids`` not stored yet at ``initial_size`` with its initial values
+        (:meth:`MixedDimEmbedding.ensure`, static shapes)."""
+        k = self.initial_size
+        unstored = self.size_of.index_select(0, ids) < 0
+        need = unstored & groups.leader
+        slot = self._allocate(k, need)
+        self.tables[k].index_copy_(0, slot, torch.where(need[:, None], self.initial_values(ids, k), 0.0))
+        self._assign(ids, groups, unstored, torch.full_like(ids, k), slot)
+
+    def move_rows_up(self, ids: torch.Tensor, groups: BatchGroups, rows: RowLookup, moves: torch.Tensor,
+                     new_values: Sequence[torch.Tensor]) -> None:
+        """Move the entities of the rows where ``moves`` (stored, below the top size; all rows of an entity or
+        none) one size up; ``new_values[k]`` (``[rows, sizes[k + 1]]``) is the new value of a row at size k.
+        Old slots are freed first, so an arrival can take a slot freed at its size in the same move
+        (:meth:`MixedDimEmbedding.move_up`)."""
+        leader = moves & groups.leader
+        for k in range(self.n_sizes - 1):
+            self._free_rows(k, leader & (rows.size_index == k), rows.slot)
+        new_slot = torch.zeros_like(rows.slot)
+        for k in range(self.n_sizes - 1):
+            arriving = leader & (rows.size_index == k)
+            slot = self._allocate(k + 1, arriving)
+            self.tables[k + 1].index_copy_(0, slot, torch.where(arriving[:, None], new_values[k], 0.0))
+            new_slot += slot
+        self._assign(ids, groups, moves, rows.size_index + 1, new_slot)
+
+    def step_rows(self, groups: BatchGroups, rows: RowLookup, grads: Sequence[torch.Tensor]) -> None:
+        """One Adam step from the gradients of ``rows.values`` (``[rows, sizes[k]]``, zero in the rows at other
+        sizes): :meth:`MixedDimEmbedding.apply_gradients`' update, per row."""
+        self.step_t += 1
+        b1, b2 = self.betas
+        step = (self.lr / (1 - b1**self.step_t)).to(torch.float32)
+        bc2_sqrt = torch.sqrt(1 - b2**self.step_t).to(torch.float32)
+        for k in range(self.n_sizes):
+            index = torch.where(rows.size_index == k, rows.slot, 0)  # rows at other sizes: the sink, zero gradient
+            if self.mode == "dense":  # every slot, those not in the batch with a zero gradient
+                grad = torch.zeros_like(self.tables[k]).index_add_(0, index, grads[k])
+                index = torch.arange(self.capacity(k) + 1, device=self.device)
+            else:
+                grad = groups.per_group_sum(grads[k])  # an entity's rows are all at one size
+            moments = self.moments[k].index_select(0, index)
+            m, v = moments[:, 0], moments[:, 1]
+            m.mul_(b1).add_(grad, alpha=1 - b1)
+            v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+            self.moments[k].index_copy_(0, index, moments)
+            update = m / v.sqrt().div_(bc2_sqrt).add_(self.eps)
+            self.tables[k].index_copy_(0, index, self.tables[k].index_select(0, index) + update * -step)
+
+    # ------------------------------------------------------------------ reports
+
+    def index_bytes(self) -> int:
+        return super().index_bytes() + tensor_bytes(self.n_free_t) + tensor_bytes(self.high_water_t)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = super().state_tensors()
+        n_free = self.n_free_t.tolist()
+        for k in range(self.n_sizes):
+            out[f"free{k}"] = self.free[k][1: n_free[k] + 1]
+        return out
+
+
 class ChainedMaps(nn.Module):
     """ESAPN Eq. 1: ``e_{k+1} = W_{k->k+1} e_k + b_{k->k+1}`` between adjacent sizes, chained up to d_n."""
 
@@ -453,6 +642,15 @@ class ChainedMaps(nn.Module):
                 h = v
         if h is None:
             return values[-1].new_empty(0, self.sizes[-1])
+        return h
+
+    def rows(self, lookup: RowLookup) -> torch.Tensor:
+        """``[rows, d_n]`` from a per-row lookup, static shapes: level by level, a row takes its own value at its
+        size and the map of the level below otherwise, ``h_k = where(size == k, e_k, W_{k-1->k} h_{k-1} + b)``
+        (every map runs on every row; a row's levels below its size are unused)."""
+        h = lookup.values[0]
+        for k in range(1, len(self.sizes)):
+            h = torch.where((lookup.size_index == k)[:, None], lookup.values[k], self.maps[k - 1](h))
         return h
 
     def forward(self, lookup: Lookup) -> torch.Tensor:

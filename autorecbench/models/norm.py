@@ -109,7 +109,9 @@ class SizeNorm(nn.Module):
             rstd = torch.rsqrt(self.running_var + self.eps)
             normed = (x - self.running_mean.index_select(0, group)) * rstd.index_select(0, group)
         else:
-            count = torch.bincount(group, minlength=self.n_groups).to(x.dtype)[:, None]
+            # Rows per group by a segment sum, not bincount (whose output length depends on the data): static
+            # shapes, the same integer counts.
+            count = x.new_zeros(self.n_groups).index_add_(0, group, x.new_ones(group.shape))[:, None]
             normed, mean, var = _GroupBatchNorm.apply(x, group, count, self.eps)
             if self.track_running_stats:
                 with torch.no_grad():

@@ -108,7 +108,15 @@ class FlatAdam:
         return int(self._step)
 
     @torch.no_grad()
-    def step(self) -> None:
+    def step(self, enabled: torch.Tensor | None = None) -> None:
+        """One Adam step; ``enabled`` (a bool device scalar): take it only where true, else leave parameters,
+        moments and step count as they were — a data-dependent skip without reading the flag back to the host."""
+        if enabled is not None:
+            kept = [t.clone() for t in (self.flat, self.exp_avg, self.exp_avg_sq, self._step)]
+            self.step()
+            for now, before in zip((self.flat, self.exp_avg, self.exp_avg_sq, self._step), kept):
+                now.copy_(torch.where(enabled, now, before))
+            return
         self._bind_grads()
         self._step.add_(1)
         b1, b2 = self.betas
