@@ -42,8 +42,12 @@ data/raw/ml-latest-small/ratings.csv: | $(VENV)/.installed
 		$(BIN)/autorecbench data fetch ml-latest-small --from $(SHARED_ML_LATEST_SMALL); \
 	else echo "ml-latest-small: $(SHARED_ML_LATEST_SMALL) not found; see README for the download"; fi
 
+# `make test` workers (pytest-xdist); a module's tests stay on one worker, so its shared fixtures are built once.
+# `make test-slow` stays serial: its checks report CPU time and memory of one process at a time.
+TEST_WORKERS ?= 2
+
 test:
-	$(BIN)/python -m pytest -m "not slow" -q
+	$(BIN)/python -m pytest -m "not slow" -q -n $(TEST_WORKERS) --dist loadfile
 
 test-slow:
 	$(BIN)/python -m pytest -q
