@@ -275,3 +275,31 @@ def test_references_discriminate_at_the_quick_budget_on_two_seeds(method: str, h
                for r in frame.to_dicts()]
     validation = load_validations()[method]()
     assert len(check_references(validation, swapped)) == 2 * 2 * 2  # 2 statistics x 2 seeds x (oracle, null)
+
+
+def test_shared_work_is_computed_once_and_read_back_from_the_workdir(tmp_path: Path) -> None:
+    from dataclasses import dataclass, field
+
+    from autorecbench.validate.base import shared_once
+
+    @dataclass
+    class Work:
+        aucs: list[float] = field(default_factory=list)
+
+    calls: list[int] = []
+
+    def compute() -> Work:
+        calls.append(1)
+        return Work([0.5, 0.75])
+
+    def load(d: dict) -> Work:
+        return Work(**d)
+
+    cache: dict = {}
+    first = shared_once(cache, "toy", "planted", 0, True, tmp_path, load, compute)
+    assert shared_once(cache, "toy", "planted", 0, True, tmp_path, load, compute) is first and calls == [1]
+    assert (tmp_path / "toy-shared-planted-0-quick.json").is_file()
+    # a new process (empty cache) reads the file instead of computing again; another seed computes
+    assert shared_once({}, "toy", "planted", 0, True, tmp_path, load, compute) == Work([0.5, 0.75]) and calls == [1]
+    shared_once({}, "toy", "planted", 1, True, tmp_path, load, compute)
+    assert calls == [1, 1]

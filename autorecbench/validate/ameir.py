@@ -33,7 +33,6 @@ Structure statistics are measured on the planted case only.
 
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +40,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from autorecbench.validate.base import MethodValidation, Statistic, register_validation
+from autorecbench.validate.base import MethodValidation, Statistic, register_validation, shared_once
 
 PAIR = ("age_level", "cate_id")
 TRIPLE = ("cms_group_id", "pid", "brand")
@@ -110,13 +109,7 @@ class AMEIRValidation(MethodValidation):
         return out
 
     def _shared_work(self, runs: Runs, case: str, seed: int, quick: bool, workdir: Path) -> Shared:
-        key = (case, seed, quick, str(workdir))
-        if key in self._shared:
-            return self._shared[key]
-        stored = workdir / f"ameir-shared-{case}-{seed}-{'quick' if quick else 'full'}.json"
-        if stored.is_file():
-            shared = Shared(**json.loads(stored.read_text()))
-        else:
+        def compute() -> Shared:
             shared = Shared(first_order_auc=runs.first_order())
             generator = torch.Generator().manual_seed(10_000 + seed)
             structures = []
@@ -125,10 +118,9 @@ class AMEIRValidation(MethodValidation):
                 shared.random_aucs.append(runs.fit(arch))
                 structures.append(structure_statistics(arch))
             shared.random_structure = {k: statistics.fmean(s[k] for s in structures) for k in structures[0]}
-            stored.parent.mkdir(parents=True, exist_ok=True)
-            stored.write_text(json.dumps(shared.__dict__))
-        self._shared[key] = shared
-        return shared
+            return shared
+
+        return shared_once(self._shared, "ameir", case, seed, quick, workdir, lambda d: Shared(**d), compute)
 
 
 def structure_statistics(arch: dict[str, Any]) -> dict[str, float]:

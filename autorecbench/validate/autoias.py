@@ -44,7 +44,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from autorecbench.validate.base import MethodValidation, Statistic, register_validation
+from autorecbench.validate.base import MethodValidation, Statistic, register_validation, shared_once
 
 FIELDS, INFORMATIVE, PAIRS = 10, 5, 3
 RANDOM_ARCHITECTURES = 20
@@ -132,13 +132,7 @@ class AutoIASValidation(MethodValidation):
         return out
 
     def _shared_work(self, runs: Any, case: str, seed: int, quick: bool, workdir: Path) -> Shared:
-        key = (case, seed, quick, str(workdir))
-        if key in self._shared:
-            return self._shared[key]
-        stored = workdir / f"autoias-shared-{case}-{seed}-{'quick' if quick else 'full'}.json"
-        if stored.is_file():
-            shared = Shared(**json.loads(stored.read_text()))
-        else:
+        def compute() -> Shared:
             shared = Shared(truth=runs.truth())
             generator = torch.Generator().manual_seed(10_000 + seed)
             structures = []
@@ -150,10 +144,9 @@ class AutoIASValidation(MethodValidation):
             shared.random_structure["p_select_planted_min"] = 0.5  # the uniform distribution
             shared.random_structure["p_select_noise_mean"] = 0.5
             shared.random_search_auc = runs.search_and_fit(["method.search=random"])[1]
-            stored.parent.mkdir(parents=True, exist_ok=True)
-            stored.write_text(json.dumps(shared.__dict__))
-        self._shared[key] = shared
-        return shared
+            return shared
+
+        return shared_once(self._shared, "autoias", case, seed, quick, workdir, lambda d: Shared(**d), compute)
 
     @staticmethod
     def _structure(values: dict[str, float]) -> list[Statistic]:

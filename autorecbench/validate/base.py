@@ -17,11 +17,13 @@ the null passes there, the harness itself is broken (exit 1); the method's own v
 
 from __future__ import annotations
 
+import json
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from autorecbench.plugins import import_package_modules
 
@@ -73,6 +75,26 @@ class MethodValidation(ABC):
 
 
 VALIDATIONS: dict[str, type[MethodValidation]] = {}
+
+
+SharedT = TypeVar("SharedT")
+
+
+def shared_once(cache: dict[tuple[str, int, bool, str], Any], name: str, case: str, seed: int, quick: bool,
+                workdir: Path, load: Callable[[dict[str, Any]], SharedT], compute: Callable[[], SharedT]) -> SharedT:
+    """Work every subject of one case and seed shares (e.g. random architectures trained once): computed once,
+    kept in ``cache`` and in ``workdir`` as JSON (a dataclass), so a later subject or rerun reads it back."""
+    key = (case, seed, quick, str(workdir))
+    if key not in cache:
+        stored = workdir / f"{name}-shared-{case}-{seed}-{'quick' if quick else 'full'}.json"
+        if stored.is_file():
+            cache[key] = load(json.loads(stored.read_text()))
+        else:
+            value = compute()
+            stored.parent.mkdir(parents=True, exist_ok=True)
+            stored.write_text(json.dumps(asdict(value)))  # type: ignore[call-overload]
+            cache[key] = value
+    return cache[key]
 
 
 def register_validation(cls: type[MethodValidation]) -> type[MethodValidation]:
