@@ -88,7 +88,8 @@ def test_harness_measures_every_case_subject_seed_and_checks_the_references(toys
 
 
 def test_verdicts_and_mismatches_on_hand_made_rows() -> None:
-    """Mixed seeds are 'mixed'; a pass on the control also makes the verdict 'mixed'; a null that passes on
+    """Mixed seeds are 'mixed'; a pass on the control also makes the verdict 'mixed'; a statistic measured only on
+    the control is judged there; a null that passes on
     the planted case and an oracle that passes on the control are both mismatches."""
 
     class Plain(MethodValidation):
@@ -105,6 +106,11 @@ def test_verdicts_and_mismatches_on_hand_made_rows() -> None:
     assert [v.label for v in verdicts(Plain(), rows)] == ["mixed"]
     rows = [row("planted", "method", s, True) for s in (0, 1)] + [row("control", "method", 0, True)]
     assert [v.label for v in verdicts(Plain(), rows)] == ["mixed"]
+    # A control-only statistic (no planted rows) is judged on the control: all pass, none, or some.
+    for passes, label in (((True, True), "passes"), ((False, False), "fails"), ((True, False), "mixed")):
+        only_control = [row("control", "method", s, p) for s, p in enumerate(passes)]
+        (v,) = verdicts(Plain(), only_control)
+        assert (v.label, v.counts()) == (label, f"control {sum(passes)}/2")
     bad = [row("planted", "null", 0, True), row("control", "oracle", 0, True), row("planted", "oracle", 0, True)]
     assert [(m.row.case, m.row.subject) for m in check_references(Plain(), bad)] == [("planted", "null"), ("control", "oracle")]
 

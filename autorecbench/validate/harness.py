@@ -7,7 +7,9 @@ discriminate, the method's verdict, and the run folder (``autorecbench validate`
   not, the harness or the case is broken and the command exits 1; the method's own results never change the
   exit code.
 - Verdict per statistic for the method under test: ``passes`` (planted case passed on every seed, every other
-  case failed on every seed), ``fails`` (the planted case failed on every seed), otherwise ``mixed``; a statistic
+  case failed on every seed), ``fails`` (the planted case failed on every seed), otherwise ``mixed``. A statistic
+  measured only on the control (e.g. AutoIAS's ``auc_distance_from_half``: without signal every model must be a
+  coin) is judged there: ``passes`` when it passed on every control row, ``fails`` when on none. A statistic
   the validation lists in ``by_design`` is reported with its reason.
 """
 
@@ -76,14 +78,36 @@ class Verdict:
     planted_passed: int
     other_passed: int  # passes on the other cases (the control), summed over cases and seeds
     by_design: str | None
+    planted_measured: int = -1  # rows measured on the planted case (-1: one per seed)
+    other_measured: int = -1  # rows measured on the other cases (-1: one per seed)
+
+    @property
+    def planted_rows(self) -> int:
+        return self.seeds if self.planted_measured < 0 else self.planted_measured
+
+    @property
+    def other_rows(self) -> int:
+        return self.seeds if self.other_measured < 0 else self.other_measured
 
     @property
     def label(self) -> str:
-        if self.planted_passed == self.seeds and self.other_passed == 0:
+        if self.planted_rows == 0:  # a control-only statistic: a working search passes it there
+            if self.other_passed == self.other_rows:
+                return "passes"
+            return "fails" if self.other_passed == 0 else "mixed"
+        if self.planted_passed == self.planted_rows and self.other_passed == 0:
             return "passes"
         if self.planted_passed == 0:
             return "fails"
         return "mixed"
+
+    def counts(self) -> str:
+        parts = []
+        if self.planted_rows:
+            parts.append(f"planted {self.planted_passed}/{self.planted_rows} seeds")
+        if self.other_rows:
+            parts.append(f"control {self.other_passed}/{self.other_rows}")
+        return ", ".join(parts)
 
 
 @dataclass
@@ -118,10 +142,13 @@ def verdicts(validation: MethodValidation, rows: Sequence[Row]) -> list[Verdict]
     mine = [r for r in rows if r.subject == "method"]
     names = list(dict.fromkeys(r.statistic for r in mine))
     seeds = len({r.seed for r in mine})
-    return [Verdict(name, seeds,
-                    sum(r.passed for r in mine if r.statistic == name and r.case == "planted"),
-                    sum(r.passed for r in mine if r.statistic == name and r.case != "planted"),
-                    validation.by_design.get(name)) for name in names]
+    out = []
+    for name in names:
+        planted = [r.passed for r in mine if r.statistic == name and r.case == "planted"]
+        other = [r.passed for r in mine if r.statistic == name and r.case != "planted"]
+        out.append(Verdict(name, seeds, sum(planted), sum(other), validation.by_design.get(name),
+                           len(planted), len(other)))
+    return out
 
 
 def run_validation(validation: MethodValidation, seeds: Sequence[int], quick: bool,
@@ -178,7 +205,7 @@ def summary_rows(validation: MethodValidation, result: ValidationResult) -> list
 def verdict_lines(result: ValidationResult) -> list[str]:
     lines = []
     for v in result.verdicts:
-        counts = f"planted {v.planted_passed}/{v.seeds} seeds, control {v.other_passed}/{v.seeds}"
+        counts = v.counts()
         if v.by_design:
             lines.append(f"{result.method} {v.statistic}: {v.label} ({counts}); cannot pass by design: {v.by_design}")
         else:
@@ -226,7 +253,9 @@ def run_to_folder(validation: MethodValidation, seeds: Sequence[int], quick: boo
             references_discriminate=result.discriminates,
             mismatches=[asdict(m) for m in result.mismatches],
             verdicts={v.statistic: {"verdict": v.label, "planted_passed": v.planted_passed,
-                                    "control_passed": v.other_passed, "seeds": v.seeds} for v in result.verdicts},
+                                    "control_passed": v.other_passed, "seeds": v.seeds,
+                                    "planted_rows": v.planted_rows, "control_rows": v.other_rows}
+                      for v in result.verdicts},
         )
         folder.write_json("run.json", payload)
         return result, folder.finalize()
