@@ -1,12 +1,13 @@
 """AMEIR: the block ops against brute force and padding, the sliced supernet against standalone children, the
-880-architecture enumeration, Step 2's mutation, the SE shortcut, and runs through the CLI."""
+880-architecture enumeration, Step 2's mutation, the SE shortcut, the joint space of the one-shot random search
+(``method.search=joint``), and runs through the CLI."""
 
 from __future__ import annotations
 
 import json
 import math
 import resource
-from itertools import combinations_with_replacement, product
+from itertools import combinations, combinations_with_replacement, product
 from pathlib import Path
 
 import polars as pl
@@ -16,8 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from autorecbench.config import compose, validate
+from autorecbench.data.schema import FieldSpec, Schema, TaskSpec
 from autorecbench.errors import UserError
-from autorecbench.methods.ameir import block_space, mlp_space, mlp_widths, mutate, width_pairs
+from autorecbench.methods.ameir import AMEIR, JointSpace, block_space, mlp_space, mlp_widths, mutate, width_pairs
+from autorecbench.methods.base import MethodContext
 from autorecbench.models.ameir_net import (
     BLOCK_ACTIVATIONS,
     LAYERS,
@@ -235,12 +238,111 @@ def test_bad_options_are_user_errors() -> None:
     base = ["data=synthetic-alimama", "method=ameir"]
     for bad, fragment in ((["method.budget=huge"], "method.budget"), (["method.variant=D"], "method.variant"),
                           (["method.layers=[conv3,conv9]"], "method.layers"), (["method.keep=2"], "method.keep"),
-                          (["method.width_ratios=[0.5,1.5]"], "width_ratios"), (["method.fairness=x"], "fairness")):
+                          (["method.width_ratios=[0.5,1.5]"], "width_ratios"), (["method.fairness=x"], "fairness"),
+                          (["method.search=greedy"], "method.search"),
+                          (["method.search=joint", "method.variant=A"], "method.variant=C"),
+                          (["method.search=joint", "method.joint_max_order=1"], "joint_max_order"),
+                          (["method.joint_epochs=0"], "joint_epochs")):
         with pytest.raises(UserError, match=fragment):
             validate(compose([*base, *bad]))
     quick = compose([*base, "method.budget=quick"])
     assert quick.method.children == 200 and quick.method.cycles == 2 and quick.method.keep == 10
     assert compose(base).method.children == 2000 and compose(base).method.lr == 1e-5
+
+
+# ---------------------------------------------------------------- the joint space (method.search=joint)
+
+def test_the_joint_space_size_enumeration_and_sampling_are_exact() -> None:
+    blocks, mlp = block_space(1, ["conv3", "zero"]), mlp_space([0.5, 1.0], 2, ["relu", "dice"])
+    space = JointSpace(blocks, True, 4, 2, 3, mlp)  # 4 fields, M = 2 slots, orders 2..3
+    sets = [s for r in (2, 3) for s in combinations(range(4), r)]
+    block_keys = [json.dumps(blocks.to_json(a)) for a in blocks.enumerate()]
+    mlp_keys = [json.dumps(mlp.to_json(a)) for a in mlp.enumerate()]
+    brute = {(b, pair, m) for b in block_keys for pair in combinations(sets, 2) for m in mlp_keys}
+    assert space.interaction_count() == len(sets) == 10
+    assert space.size() == len(brute) == 16 * 45 * 12
+    assert JointSpace(blocks, False, 4, 2, 3, mlp).size() == 45 * 12  # no histories: the blocks do not count
+    assert JointSpace(blocks, True, 3, 5, 9, mlp).size() == 16 * 1 * 12  # orders capped at N; M capped at S = 4
+    # sampling: M distinct sets of the space, every set pair reachable; the first slot's set drawn with
+    # P = 1 / (orders × C(N, r)) (order first, then fields), which uniform-over-sets sampling would fail
+    g = torch.Generator().manual_seed(0)
+    draws = [space.sample_interactions(g) for _ in range(6000)]
+    assert all(len(d) == 2 and d[0] != d[1] and set(d) <= set(sets) for d in draws)
+    assert {frozenset(d) for d in draws} == {frozenset(p) for p in combinations(sets, 2)}
+    first = [sum(d[0] == s for d in draws) for s in sets]
+
+    def chi2(expected: list[float]) -> float:
+        return sum((o - 6000 * e) ** 2 / (6000 * e) for o, e in zip(first, expected))
+
+    assert chi2([1 / (2 * math.comb(4, len(s))) for s in sets]) < 27.9  # chi-square, 9 df, p = 0.001
+    assert chi2([1 / len(sets)] * len(sets)) > 100  # the control: uniform over sets
+    # strict fairness over one component: every choice once per draw, the rest uniform
+    fair_blocks = space.sample(g, fair="layer")
+    assert sorted(int(d.blocks["layer"][0]) for d in fair_blocks) == [0, 1]
+    fair_mlp = space.sample(g, fair="activation")
+    assert all(sorted(int(d.mlp["activation"][l]) for d in fair_mlp) == [0, 1] for l in range(2))
+    assert len(space.sample(g, 7)) == 7
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_a_joint_child_equals_the_standalone_network_with_its_interactions(training: bool) -> None:
+    """The joint supernet's M slots take a child's own interactions (one weight per slot): the child built from
+    it with the slices copied computes the same function."""
+    blocks = [("layernorm", "conv3", "gelu"), ("none", "bigru", "swish")]
+    k0 = _net(_spec(blocks, ["sum", "attention"])).in_dim
+    widths = mlp_widths([0.5, 1.0], k0)
+    supernet = _net(_spec(blocks, ["sum", "attention"], supernet=True, hidden=[k0, k0], dice=[widths, widths]))
+    x, seq = _rows()
+    lengths = LENGTHS.to(torch.int32)
+    choice = Choice(tuple(blocks), (widths[1], widths[0]), ("dice", "relu"), ((1, 2), (0, 2, 3)))
+    child = _net(child_spec(supernet.spec, choice))
+    inherit_leading(child, supernet.state_dict())
+    assert child.spec.interactions == [(1, 2), (0, 2, 3)] and child.spec.default.interactions is None
+    supernet.train(training)
+    child.train(training)
+    assert torch.allclose(supernet(x, seq, lengths, choice), child(x, seq, lengths), atol=1e-5)
+    # the control: the spec's own interactions in the slots are another function
+    spec_path = Choice(choice.blocks, choice.hidden, choice.activations)
+    assert not torch.allclose(supernet(x, seq, lengths, spec_path), child(x, seq, lengths), atol=1e-3)
+
+
+def _method(*overrides: str) -> AMEIR:
+    """AMEIR on an Alimama-like schema (8 fields, two histories sharing cate_id's and brand's tables), no data."""
+    names = ["userid", "age_level", "cate_id", "brand", "pid", "cms_segid", "final_gender_code", "shopping_level"]
+    fields = [FieldSpec(n, c) for n, c in zip(names, [50, 7, 9, 6, 3, 4, 3, 4])]
+    sequences = [FieldSpec("hist_cate", 9, "sequence", "cate_id", 5), FieldSpec("hist_brand", 6, "sequence", "brand", 5)]
+    schema = Schema(dataset="synthetic-alimama", family="alimama", fingerprint="-", fields=fields, n_rows=0,
+                    time_min=0, time_max=0, rating_values=[], source={}, options={}, rows_in_file=0, created_at="",
+                    cache_version=0, label="click", sequence_fields=sequences)
+    cfg = compose(["data=synthetic-alimama", "method=ameir", *overrides])
+    return AMEIR(MethodContext(schema, TaskSpec.from_name("binary"), cfg.method, cfg.model, torch.device("cpu"), 0))
+
+
+def test_a_joint_child_round_trips_through_architecture_json(tmp_path: Path) -> None:
+    method = _method("method.search=joint")  # paper budget: 4 cycles, so orders 2..5
+    space = method.joint_space()
+    assert space.max_order == 5 and space.slots == 5 and method.joint_epochs() == 1 + 4 * 1 + 1
+    assert _method("method.search=joint", "method.budget=quick").joint_epochs() == 1 + 2 * 2 + 1
+    g = torch.Generator().manual_seed(1)
+    draws = space.sample(g, 40)
+    assert {len(i) for d in draws for i in d.interactions} == {2, 3, 4, 5}
+    spec, k0 = method.sliced_mlp_spec(method._blocks(draws[0].blocks), draws[0].interactions, supernet_blocks=True)
+    choice = method._joint_choice(draws[1], space, k0)
+    child = child_spec(spec, choice)
+    path = tmp_path / "architecture.json"
+    path.write_text(json.dumps(method.describe(child)))
+    arch = method.read_architecture(str(path))
+    assert arch["interactions"] == [[method.field_names[f] for f in i] for i in choice.interactions]  # slot order
+    again = method.spec_from(arch)
+    assert (again.interactions, again.default.blocks, again.hidden) == (child.interactions, choice.blocks,
+                                                                        list(choice.hidden))
+    shapes = {n: p.shape for n, p in method.new_net(child).named_parameters()}
+    assert {n: p.shape for n, p in method.new_net(again).named_parameters()} == shapes
+    # Table 4's "Random" draws from the same space: orders up to cycles + 1
+    random_orders = {len(i) for _ in range(40) for i in method.random_architecture(g)["interactions"]}
+    assert random_orders == {2, 3, 4, 5}
+    quick = _method("method.budget=quick")
+    assert {len(i) for _ in range(40) for i in quick.random_architecture(g)["interactions"]} == {2, 3}
 
 
 # ---------------------------------------------------------------- through the CLI
@@ -286,6 +388,39 @@ def test_cli_run_writes_the_architecture_the_search_and_the_costs(home: Path) ->
     assert len(run_folders(home)) == 2
 
 
+@pytest.mark.slow
+def test_cli_joint_search_writes_what_ameir_writes_and_its_child_retrains_from_scratch(home: Path) -> None:
+    """``method.search=joint`` end to end on a tiny synthetic Alimama file (slow: about a minute on 2 shared
+    cores), then its architecture.json re-trained from scratch."""
+    run_cli("run", *TINY, "method.search=joint", "-q", home=home, check=True)
+    (c,) = run_folders(home)
+    arch = json.loads((c / "architecture.json").read_text())
+    assert arch["search"] == "joint" and arch["variant"] == "C" and arch["interaction_mode"] == "mlp+se"
+    assert len(arch["blocks"]) == 3 and len(arch["interactions"]) == 2 and len(arch["mlp_hidden"]) == 2
+    assert all(2 <= len(i) <= 2 for i in arch["interactions"])  # orders 2..cycles + 1 = 2
+    assert arch["joint_space_log10"] == pytest.approx(math.log10((2 * 5 * 4) ** 3 * math.comb(120, 2) * 3 * 4))
+    search = pl.read_parquet(c / "search.parquet")
+    assert search["step"].unique().to_list() == ["joint"] and search.height == 4 and search["kept"].sum() == 1
+    kept = json.loads(search.filter(pl.col("kept"))["candidate"][0])
+    assert kept["interactions"] == arch["interactions"] and kept["hidden"] == arch["mlp_hidden"]
+    epochs = pl.read_parquet(c / "epochs.parquet")
+    assert epochs.filter(pl.col("stage") == "search")["epoch"].max() == 1 + 1 * 2 + 1  # AMEIR's step epochs
+    metrics = pl.read_parquet(c / "metrics.parquet")
+    cost = dict(zip(*metrics.filter(pl.col("split") == "cost").select("metric", "value")))
+    assert cost["search_seconds"] > 0 and cost["parameters"] == arch["cost"]["parameters"]
+    assert cost["flops_per_example"] == arch["cost"]["flops_per_example"] > 0 and cost["inference_qps"] > 0
+    assert {"auc", "logloss", "gauc"} <= set(metrics.filter(pl.col("split") == "test")["metric"])
+    given = [a for a in TINY if not a.startswith("method.") or a == "method=ameir"]
+    run_cli("run", *given, f"method.architecture={c / 'architecture.json'}", "-q", home=home, check=True)
+    (fixed,) = [f for f in run_folders(home) if f != c]
+    again = json.loads((fixed / "architecture.json").read_text())
+    keys = ("blocks", "interactions", "interaction_mode", "mlp_hidden", "mlp_activations")
+    assert {k: again[k] for k in keys} == {k: arch[k] for k in keys}
+    assert again["cost"]["parameters"] == arch["cost"]["parameters"] and not (fixed / "search.parquet").exists()
+    line = one_line_error(run_cli("run", *TINY, "method.search=joint", "method.variant=B", home=home))
+    assert "method.search=joint" in line and len(run_folders(home)) == 2
+
+
 def test_reproduction_stops_without_raw_data_and_marks_what_the_suite_lacks(home: Path,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AUTORECBENCH_HOME", str(home))
@@ -306,6 +441,19 @@ def test_reproduction_stops_without_raw_data_and_marks_what_the_suite_lacks(home
     assert header == ["model", "source", "alimama AUC", "alimama QPS"]
     assert ours["DIEN"][2:] == [NOT_IMPLEMENTED] * 2 and ours["AMEIR-C"][2:] == ["0.6350 ± 0.0071", "46 ± 1K"]
     assert [r[2] for r in rows if r[:2] == ["AMEIR-C", "paper"]] == ["0.6383 ± 0.0004"]
+    # Table 4: Random, the one-shot random search over the joint space and AMEIR run; the other NAS rows do not
+    runs = {label: o for label, o in TABLES["table4"][2].items() if o is not None}
+    assert list(runs) == ["Random", "One-shot random search", "AMEIR"]
+    assert "method.search=joint" in runs["One-shot random search"] and "method.search=joint" not in runs["AMEIR"]
+    cells = {("table4", "One-shot random search", "alimama"): Cell({"auc": [0.62, 0.64],
+                                                                     "search_seconds": [100.0, 120.0]})}
+    header, rows = table_rows("table4", cells, reference, small=True)
+    by = {(r[0], r[1].split(" ")[0]): r[2:] for r in rows}
+    assert header == ["model", "source", "alimama AUC", "alimama search cost"]
+    assert by[("One-shot random search", "paper")] == ["0.6365 ± 0.0006", "0.3"]
+    assert by[("One-shot random search", "ours")] == ["0.6300 ± 0.0141", "110.0 ± 14.1"]
+    assert [label for (label, src), v in by.items() if src == "ours" and v == [NOT_IMPLEMENTED] * 2] == \
+        ["RL", "EA", "ENAS", "DARTS", "SNAS"]
 
 
 @pytest.mark.slow

@@ -28,6 +28,25 @@ There is no public code: the paper (``../shared/papers/003_…``) is the spec, r
 - **Derive** (§2.3, §3.4): the best child is re-trained by the runner's fit stage (early stopping on validation
   AUC) *starting from its one-shot weights* (``retrain_from: one_shot``; ``scratch`` re-initialises).
 
+**One-shot random search over the joint space** (``search: joint``; §3.3 Table 4's "One-shot Random Search
+[Li and Talwalkar, 2019]", the same search *without* the three progressive steps; ``progressive``, the default, is
+AMEIR): one supernet over the whole of AMEIR-C's space (:class:`JointSpace`: every block op, Eq. 1; M interaction
+slots; the K₀ × K₀ MLP, Eq. 2; the SE shortcut), trained on uniformly drawn children (``fairness: strict``: FairNAS
+over the blocks' Layer options as in Step 1, or over the MLP activations on data without histories; ``uniform``:
+one child per step); then ``children`` uniform children scored on the validation subset with inherited weights,
+the ``top`` fine-tuned, the best derived and re-trained as AMEIR derives (``retrain_from``). ``search.parquet``
+rows have ``step = "joint"``. Choices the paper leaves open ([D]):
+- an interaction slot holds one of the Σ_r C(N, r) field sets of orders 2..``joint_max_order`` (null: ``cycles`` + 1,
+  the highest order Step 2 reaches), the M of a child distinct; the order is drawn uniformly, then the fields
+  (uniform over sets would put 64% of the draws at order 5 with N = 16 and 4 cycles); each slot has one weight
+  (its K columns of the first MLP layer and its SE entry), shared by whatever interaction fills it;
+- ``joint_epochs`` (null: the sum of the progressive steps' one-shot epochs on the same data — ``step_epochs`` for
+  Step 1 with histories, ``cycles`` × ``cycle_epochs`` for Step 2, ``step_epochs`` for Step 3 — so both searches
+  train for the same number of epochs), one cosine decay over all of them;
+- the counts (``children``, ``top``, ``valid_rows``, ``finetune_steps``, ``lr``) are the budget's, as AMEIR's steps;
+- Table 4's "Random" row draws from the same space (:meth:`AMEIR.random_architecture`).
+Only ``variant: C`` is a joint space (A, B and I fix parts of the network).
+
 Variants (``variant``): A = Step 1 only; B = A's blocks + Step 2's interactions + SE with the pre-defined MLP;
 C = everything; I = DeepFM with its FM term replaced by ``Σ_m 1^T p_m`` (Step 2 only, no blocks; on data with
 histories the sum-pooled history joins the MLP as in the suite's DeepFM). Data without behaviour sequences
@@ -63,6 +82,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -106,6 +126,7 @@ FAIRNESS = ("strict", "uniform")
 MUTATIONS = ("union", "children_only")
 SAMPLINGS = ("batch", "row")
 RETRAIN_FROM = ("one_shot", "scratch")
+SEARCHES = ("progressive", "joint")
 VARIANT_MODE = {"A": "none", "B": "mlp+se", "C": "mlp+se", "I": "fm"}
 SCORE_ROWS = 10_000  # validation rows per scoring pass
 COST_ROWS = 2048
@@ -152,6 +173,69 @@ def mutate(kept: Sequence[tuple[int, ...]], n_fields: int, mode: str) -> list[tu
     return sorted(out, key=lambda p: (len(p), p))
 
 
+@dataclass(frozen=True)
+class JointDraw:
+    """One architecture of the joint space: a Step-1 block architecture, the interactions per slot (sorted field
+    indices, in slot order) and a Step-3 MLP architecture."""
+
+    blocks: Architecture
+    interactions: tuple[tuple[int, ...], ...]
+    mlp: Architecture
+
+
+@dataclass(frozen=True)
+class JointSpace:
+    """AMEIR's three subspaces at once (Table 4's "same search space"): the behaviour blocks (Eq. 1; drawn but not
+    counted without histories), ``slots`` (M) distinct interactions over the ``n_fields`` non-sequential fields
+    with orders 2..``max_order``, and the MLP (Eq. 2). An interaction is drawn order first (uniform over the
+    orders), then its fields (uniform without replacement); a repeat of a set already drawn is drawn again."""
+
+    blocks: ArchSpace
+    behaviour: bool
+    n_fields: int
+    slots: int
+    max_order: int
+    mlp: ArchSpace
+
+    def orders(self) -> list[int]:
+        return list(range(2, min(self.max_order, self.n_fields) + 1))
+
+    def interaction_count(self) -> int:
+        """How many distinct interactions a slot can hold: Σ_r C(N, r) over the orders."""
+        return sum(math.comb(self.n_fields, r) for r in self.orders())
+
+    def slots_filled(self) -> int:
+        return min(self.slots, self.interaction_count())
+
+    def size(self) -> int:
+        """The number of architectures (exact): blocks × C(S, M) interaction sets × MLPs (slot order aside)."""
+        blocks = self.blocks.size() if self.behaviour else 1
+        return blocks * math.comb(self.interaction_count(), self.slots_filled()) * self.mlp.size()
+
+    def sample_interactions(self, generator: torch.Generator) -> tuple[tuple[int, ...], ...]:
+        orders = self.orders()
+        drawn: list[tuple[int, ...]] = []
+        while len(drawn) < self.slots_filled():
+            order = orders[int(torch.randint(len(orders), (1,), generator=generator))]
+            fields = tuple(sorted(torch.randperm(self.n_fields, generator=generator)[:order].tolist()))
+            if fields not in drawn:
+                drawn.append(fields)
+        return tuple(drawn)
+
+    def sample(self, generator: torch.Generator, count: int = 1, fair: str | None = None) -> list[JointDraw]:
+        """``count`` uniform architectures; ``fair`` = ``layer`` (the blocks' Layer) or ``activation`` (the MLP's):
+        strict fairness over that component (:func:`sample_fair`), ``count`` its number of choices."""
+        fair_space = self.blocks if fair == "layer" else self.mlp if fair == "activation" else None
+        if fair_space is not None:
+            count = fair_space.by_name[str(fair)].n_choices
+        blocks = sample_fair(self.blocks, "layer", generator) if fair == "layer" else \
+            self.blocks.sample_uniform(count, generator)
+        interactions = [self.sample_interactions(generator) for _ in range(count)]
+        mlp = sample_fair(self.mlp, "activation", generator) if fair == "activation" else \
+            self.mlp.sample_uniform(count, generator)
+        return [JointDraw(ArchSpace.select(blocks, i), interactions[i], ArchSpace.select(mlp, i)) for i in range(count)]
+
+
 class CosineLR:
     """A cosine decay of a :class:`SplitAdam`'s learning rate from ``lr`` over ``total`` steps (to lr/total)."""
 
@@ -180,7 +264,9 @@ class AMEIR(CostedSearch, BackboneMethod):
     fidelity = "faithful, deviations documented"
     deviations = ("no public code: every choice the paper leaves open is a method.* key; Step 3 enumerates its "
                   "880 children; budget=quick shrinks counts and raises lr for CPUs; fine-tunes without early "
-                  "stopping")
+                  "stopping; search=joint (Table 4's one-shot random search over the joint space): interaction "
+                  "orders 2..joint_max_order (null: cycles+1), order drawn first, one weight per slot; "
+                  "joint_epochs (null: the progressive steps' sum)")
     # The one-shot steps update supernets outside the loop's DDP module without averaging their gradients.
     data_parallel_refusal = "its one-shot search steps do not average gradients across processes"
 
@@ -212,7 +298,7 @@ class AMEIR(CostedSearch, BackboneMethod):
     def check_config(cls, cfg: DictConfig) -> None:
         if str(cfg.budget) not in cfg.budgets:
             raise UserError(f"method.budget must be one of {', '.join(cfg.budgets)}, got {cfg.budget!r}")
-        for key, options in (("variant", VARIANTS), ("fairness", FAIRNESS), ("mutation", MUTATIONS),
+        for key, options in (("variant", VARIANTS), ("search", SEARCHES), ("fairness", FAIRNESS), ("mutation", MUTATIONS),
                              ("interaction_sampling", SAMPLINGS), ("retrain_from", RETRAIN_FROM),
                              ("manual_activation", MLP_ACTIVATIONS), ("attention_activation", ("relu", "prelu", "dice"))):
             if str(cfg[key]) not in options:
@@ -235,6 +321,12 @@ class AMEIR(CostedSearch, BackboneMethod):
             raise UserError(f"method.manual_hidden must be widths >= 1, got {list(cfg.manual_hidden)}")
         if cfg.finetune_steps is not None and int(cfg.finetune_steps) < 0:
             raise UserError(f"method.finetune_steps must be >= 0 (or null: one epoch), got {cfg.finetune_steps}")
+        if str(cfg.search) == "joint" and str(cfg.variant) != "C":
+            raise UserError(f"method.search=joint searches the whole joint space (blocks, interactions, MLP: "
+                            f"AMEIR-C's); use method.variant=C, got {cfg.variant!r}")
+        for key, low in (("joint_max_order", 2), ("joint_epochs", 1)):
+            if cfg[key] is not None and int(cfg[key]) < low:
+                raise UserError(f"method.{key} must be >= {low} (or null), got {cfg[key]}")
         if cfg.embedding_dim is not None and int(cfg.embedding_dim) < 1:
             raise UserError(f"method.embedding_dim must be >= 1 (or null), got {cfg.embedding_dim}")
         if str(cfg.task) != "binary":
@@ -302,6 +394,9 @@ class AMEIR(CostedSearch, BackboneMethod):
         manual_acts = [str(cfg.manual_activation)] * len(manual)
         blocks: tuple[tuple[str, str, str], ...] | None = None
         step1_state: dict[str, torch.Tensor] = {}
+        if str(cfg.search) == "joint":
+            spec, self.one_shot = self._joint(loop, valid)
+            return self._searched(spec, joint_space_log10=math.log10(self.joint_space(self.joint_slots()).size()))
         if self.sequences and self.variant != "I":
             blocks, step1_state = self._step1(loop, valid, manual, manual_acts)
         interactions: list[tuple[int, ...]] = []
@@ -318,9 +413,13 @@ class AMEIR(CostedSearch, BackboneMethod):
             spec = self.net_spec(blocks=blocks, interactions=interactions if self.variant == "B" else [],
                                  mode=self.interaction_mode, hidden=manual, activations=manual_acts)
             self.one_shot = step1_state
+        return self._searched(spec)
+
+    def _searched(self, spec: NetSpec, **extra: Any) -> dict[str, Any]:
+        cfg = self.ctx.cfg
         self.searched = self.describe(spec)
-        self.searched.update(budget=str(cfg.budget), fairness=str(cfg.fairness),
-                             blocks_space_size=self.blocks_space.size() if self.sequences else 0)
+        self.searched.update(search=str(cfg.search), budget=str(cfg.budget), fairness=str(cfg.fairness),
+                             blocks_space_size=self.blocks_space.size() if self.sequences else 0, **extra)
         return self.searched
 
     def describe(self, spec: NetSpec) -> dict[str, Any]:
@@ -401,7 +500,7 @@ class AMEIR(CostedSearch, BackboneMethod):
     @torch.no_grad()
     def _score(self, net: AMEIRNet, valid: OfflineBatch, choices: Sequence[Choice]) -> torch.Tensor:
         """Validation AUC of each child (inherited weights) on the subset; the features computed once per
-        distinct block path."""
+        run of children with the same blocks and interactions."""
         net.eval()
         scores = torch.empty(len(choices), len(valid), device=valid.x.device)
         for start in range(0, len(valid), SCORE_ROWS):
@@ -411,9 +510,10 @@ class AMEIR(CostedSearch, BackboneMethod):
             seq_len = valid.seq_len[start:end] if valid.seq_len is not None else None
             cache: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
             for i, c in enumerate(choices):
-                if c.blocks not in cache:
-                    cache = {c.blocks: net.features(x, seq, seq_len, c.blocks)}
-                h, extra = cache[c.blocks]
+                path = (c.blocks, c.interactions)
+                if path not in cache:
+                    cache = {path: net.features(x, seq, seq_len, c.blocks, c.interactions)}
+                h, extra = cache[path]
                 scores[i, start:end] = (net.head(h, c.hidden, c.activations) + extra)[:, 0]
         return batched_auc(scores, valid.label)
 
@@ -441,9 +541,10 @@ class AMEIR(CostedSearch, BackboneMethod):
 
         return float(loop.evaluate(predict, "valid")["auc"])
 
-    def _best_of(self, loop: OfflineLoop, step: int, supernet: AMEIRNet, choices: list[Choice],
-                 aucs: torch.Tensor, describe: Callable[[Choice], str]) -> Choice:
-        """Record every scored child; fine-tune the ``top`` best from inherited weights; the best of those."""
+    def _best_of(self, loop: OfflineLoop, step: int | str, supernet: AMEIRNet, choices: list[Choice],
+                 aucs: torch.Tensor, describe: Callable[[Choice], str], rng_offset: int) -> Choice:
+        """Record every scored child (``step``: 1, 3 or "joint"); fine-tune the ``top`` best from inherited weights
+        (random streams from ``rng_offset`` on); the best of those."""
         order = torch.argsort(torch.nan_to_num(aucs, nan=0.0), descending=True).tolist()
         top = order[:int(self.ctx.cfg.top)]
         state = supernet.state_dict()
@@ -451,7 +552,7 @@ class AMEIR(CostedSearch, BackboneMethod):
         for rank, i in enumerate(top):
             child = self.new_net(child_spec(supernet.spec, choices[i]))
             inherit_leading(child, state)
-            tuned[i] = self._finetune(loop, child, 10 * step + rank)
+            tuned[i] = self._finetune(loop, child, rng_offset + rank)
         best = max(top, key=lambda i: (tuned[i], -top.index(i)))
         for i, (c, auc) in enumerate(zip(choices, aucs.tolist())):
             self.search_rows.append({"step": step, "cycle": 0, "candidate": describe(c), "valid_auc": auc,
@@ -482,7 +583,7 @@ class AMEIR(CostedSearch, BackboneMethod):
                    for i in range(int(cfg.children))]
         aucs = self._score(supernet, valid, choices)
         best = self._best_of(loop, 1, supernet, choices, aucs,
-                             lambda c: json.dumps([list(b) for b in c.blocks]))
+                             lambda c: json.dumps([list(b) for b in c.blocks]), 10)
         return best.blocks, {k: v.detach().clone() for k, v in supernet.state_dict().items()}
 
     @staticmethod
@@ -556,15 +657,8 @@ class AMEIR(CostedSearch, BackboneMethod):
         """Step 3: the MLP over sliced K₀ × K₀ layers with the chosen blocks and interactions and the SE."""
         cfg = self.ctx.cfg
         layers = int(cfg.mlp_layers)
-        ratios = [float(r) for r in cfg.width_ratios]
-        space = mlp_space(ratios, layers, [str(a) for a in cfg.mlp_activations])
-        probe = self.net_spec(blocks=blocks, interactions=interactions, mode=self.interaction_mode, hidden=[1] * layers,
-                              activations=["identity"] * layers)
-        k0 = self.new_net(probe).in_dim
-        widths = sorted(set(mlp_widths(ratios, k0)))
-        dice = [widths if "dice" in cfg.mlp_activations else [] for _ in range(layers)]
-        spec = self.net_spec(blocks=blocks, interactions=interactions, mode=self.interaction_mode, hidden=[k0] * layers,
-                             activations=["relu"] * layers, dice_widths=dice)
+        space = mlp_space([float(r) for r in cfg.width_ratios], layers, [str(a) for a in cfg.mlp_activations])
+        spec, k0 = self.sliced_mlp_spec(blocks, interactions)
         supernet = self.new_net(spec)
         inherit_leading(supernet, {k: v for k, v in step1_state.items() if not k.startswith(("mlp.", "out."))})
         rng = self._rng(4)
@@ -585,27 +679,91 @@ class AMEIR(CostedSearch, BackboneMethod):
         choices = [to_choice(a) for a in space.enumerate()]
         aucs = self._score(supernet, valid, choices)
         best = self._best_of(loop, 3, supernet, choices, aucs,
-                             lambda c: json.dumps({"hidden": list(c.hidden), "activations": list(c.activations)}))
+                             lambda c: json.dumps({"hidden": list(c.hidden), "activations": list(c.activations)}), 30)
         return child_spec(spec, best), {k: v.detach().clone() for k, v in supernet.state_dict().items()}
 
-    def random_architecture(self, generator: torch.Generator) -> dict[str, Any]:
-        """A uniformly random architecture of the joint space (``architecture.json``'s form): uniform blocks
-        (none without histories), ``interactions`` distinct interactions of order 2-3 over distinct fields, one of
-        the MLPs of Step 3 (AMEIR-C's structure; Table 4's "Random" and the validation's null)."""
+    def joint_space(self, slots: int | None = None) -> JointSpace:
+        """The joint space (:class:`JointSpace`) of this data: ``interactions`` slots (``slots``: that many) of
+        orders 2..``joint_max_order`` (null: ``cycles`` + 1, the highest order Step 2's evolution reaches)."""
         cfg = self.ctx.cfg
-        n = len(self.field_names)
-        blocks = ArchSpace.select(self.blocks_space.sample_uniform(1, generator), 0)
-        interactions: set[tuple[int, ...]] = set()
-        while len(interactions) < min(int(cfg.interactions), n * (n - 1) // 2):
-            order = min(2 + int(torch.randint(2, (1,), generator=generator)), n)
-            interactions.add(tuple(sorted(torch.randperm(n, generator=generator)[:order].tolist())))
-        spec = self.net_spec(blocks=self._blocks(blocks) if self.sequences else None,
-                             interactions=sorted(interactions), mode="mlp+se", hidden=[1], activations=["relu"])
-        space = mlp_space([float(r) for r in cfg.width_ratios], int(cfg.mlp_layers), [str(a) for a in cfg.mlp_activations])
-        hidden, acts = self._mlp_choice(ArchSpace.select(space.sample_uniform(1, generator), 0),
-                                        self.new_net(spec).in_dim, space)
-        spec.default = Choice(spec.default.blocks, hidden, acts)
+        max_order = int(cfg.joint_max_order) if cfg.joint_max_order is not None else int(cfg.cycles) + 1
+        return JointSpace(self.blocks_space, bool(self.sequences), len(self.field_names),
+                          int(cfg.interactions) if slots is None else slots, max_order,
+                          mlp_space([float(r) for r in cfg.width_ratios], int(cfg.mlp_layers),
+                                    [str(a) for a in cfg.mlp_activations]))
+
+    def _joint_choice(self, draw: JointDraw, space: JointSpace, k0: int) -> Choice:
+        hidden, acts = self._mlp_choice(draw.mlp, k0, space.mlp)
+        return Choice(self._blocks(draw.blocks) if self.sequences else (), hidden, acts, draw.interactions)
+
+    def random_architecture(self, generator: torch.Generator) -> dict[str, Any]:
+        """A uniformly random architecture of the joint space (``architecture.json``'s form, AMEIR-C's structure;
+        Table 4's "Random" and the validation's null): :meth:`JointSpace.sample`, the interactions sorted."""
+        space = self.joint_space()
+        draw = space.sample(generator)[0]
+        spec = self.net_spec(blocks=self._blocks(draw.blocks) if self.sequences else None,
+                             interactions=sorted(draw.interactions), mode="mlp+se", hidden=[1], activations=["relu"])
+        choice = self._joint_choice(draw, space, self.new_net(spec).in_dim)
+        spec.default = Choice(spec.default.blocks, choice.hidden, choice.activations)
         return {**self.describe(spec), "variant": "C"}
+
+    def joint_slots(self) -> int:
+        """M, or 0 where ``interaction_mode`` is ``none`` (p^b goes nowhere: no interactions to search)."""
+        return int(self.ctx.cfg.interactions) if self.interaction_mode != "none" else 0
+
+    def joint_epochs(self) -> int:
+        """One-shot epochs of the joint search: ``joint_epochs``, or (null) the sum of the progressive search's
+        on this data (Step 1 with histories, Step 2's cycles with interactions, Step 3)."""
+        cfg = self.ctx.cfg
+        if cfg.joint_epochs is not None:
+            return int(cfg.joint_epochs)
+        step2 = int(cfg.cycles) * int(cfg.cycle_epochs) if self.interaction_mode != "none" else 0
+        return (int(cfg.step_epochs) if self.sequences else 0) + step2 + int(cfg.step_epochs)
+
+    def sliced_mlp_spec(self, blocks: Sequence[tuple[str, str, str]] | None, interactions: Sequence[tuple[int, ...]],
+                        supernet_blocks: bool = False) -> tuple[NetSpec, int]:
+        """A one-shot model whose MLP layers are allocated K₀ × K₀ with a Dice per width (Step 3's; the joint
+        search's with ``supernet_blocks``: every block op held, ``interactions`` filling the slots on the default
+        path), and K₀."""
+        cfg = self.ctx.cfg
+        layers = int(cfg.mlp_layers)
+        probe = self.net_spec(blocks=blocks, interactions=interactions, mode=self.interaction_mode,
+                              hidden=[1] * layers, activations=["identity"] * layers)
+        k0 = self.new_net(probe).in_dim
+        widths = sorted(set(mlp_widths([float(r) for r in cfg.width_ratios], k0)))
+        dice = [widths if "dice" in cfg.mlp_activations else [] for _ in range(layers)]
+        return self.net_spec(blocks=blocks, interactions=interactions, mode=self.interaction_mode,
+                             hidden=[k0] * layers, activations=["relu"] * layers, dice_widths=dice,
+                             supernet_blocks=supernet_blocks), k0
+
+    def _joint(self, loop: OfflineLoop, valid: OfflineBatch) -> tuple[NetSpec, dict[str, torch.Tensor]]:
+        """One-shot random search over the joint space (Table 4's baseline; Li & Talwalkar, 2019): one supernet
+        holding every block op, M interaction slots (one weight per slot, whatever interaction fills it) and
+        K₀ × K₀ MLP layers; trained :meth:`joint_epochs` epochs on uniformly drawn children (strict fairness over
+        the blocks' Layer, or the MLP's activations without histories); then ``children`` uniform children scored
+        with inherited weights, the ``top`` fine-tuned, the best derived."""
+        cfg = self.ctx.cfg
+        space = self.joint_space(self.joint_slots())
+        first = space.sample(self._rng(5))[0]  # the default path (the one the fit stage's monitor predicts with)
+        spec, k0 = self.sliced_mlp_spec(self._blocks(first.blocks) if self.sequences else None, first.interactions,
+                                        supernet_blocks=True)
+        supernet = self.new_net(spec)
+        rng = self._rng(6)
+        fair = None if str(cfg.fairness) != "strict" else "layer" if self.sequences else "activation"
+
+        def children() -> list[Choice]:
+            return [self._joint_choice(d, space, k0) for d in space.sample(rng, fair=fair)]
+
+        epochs = self.joint_epochs()
+        self._train_children(loop, supernet, children, self._joint_choice(first, space, k0), epochs,
+                             CosineLR(float(cfg.lr), epochs * self._steps_per_epoch(loop), bool(cfg.cosine)))
+        choices = [self._joint_choice(d, space, k0) for d in space.sample(self._rng(7), int(cfg.children))]
+        aucs = self._score(supernet, valid, choices)
+        names = self.field_names
+        best = self._best_of(loop, "joint", supernet, choices, aucs, lambda c: json.dumps(
+            {"blocks": [list(b) for b in c.blocks], "interactions": [[names[f] for f in i] for i in c.interactions or ()],
+             "hidden": list(c.hidden), "activations": list(c.activations)}), 50)
+        return child_spec(spec, best), {k: v.detach().clone() for k, v in supernet.state_dict().items()}
 
     # ------------------------------------------------------------ re-train (derive)
 

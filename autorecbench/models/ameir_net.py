@@ -18,13 +18,16 @@ supernet of a search step (the method is ``methods/ameir.py``; this file knows n
 - SE: ``a = σ(W_2 ReLU(W_1 Q v))`` over ``Q = [e^b; p^b]``, ``h^se = Σ_i a_i q_i``; ``ŷ = σ(w^T [h_L, h^se] + b)``.
 - ``interaction_mode``: where p^b goes (Table 5): ``none``, ``mlp`` (MLP input), ``fm`` (``Σ_m 1^T p_m`` added to
   the logit), ``mlp+fm``, ``mlp+se`` (AMEIR's). ``first_order``: DeepFM's ``<w, x> + b`` (AMEIR-I).
+- The M interactions are M weight slots (p_m's MLP columns and SE entry): a :class:`Choice` may name its own
+  field sets (``Choice.interactions``), as the children of a one-shot model over the joint space do; otherwise the
+  spec's are used.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -46,12 +49,13 @@ _PLAIN = {"relu": F.relu, "gelu": F.gelu, "swish": F.silu, "identity": lambda h:
 
 @dataclass(frozen=True)
 class Choice:
-    """The path a forward pass takes: ``(norm, layer, activation)`` per block, and the MLP's widths and
-    activations."""
+    """The path a forward pass takes: ``(norm, layer, activation)`` per block, the MLP's widths and activations,
+    and the field sets of the M interaction slots (None: the spec's)."""
 
     blocks: tuple[tuple[str, str, str], ...] = ()
     hidden: tuple[int, ...] = ()
     activations: tuple[str, ...] = ()
+    interactions: tuple[tuple[int, ...], ...] | None = None
 
 
 @dataclass
@@ -222,12 +226,7 @@ class AMEIRNet(nn.Module):
         self.readout_unit = (LocalActivationUnit(self.behaviour_dim, spec.attention_hidden, spec.attention_activation)
                              if "attention" in spec.readout else None)
         m = len(spec.interactions)
-        order = max((len(i) for i in spec.interactions), default=1)
-        # index N reads a row of ones: interactions of different orders in one gather and product
-        index = torch.full((m, order), self.n_fields, dtype=torch.int64)
-        for row, fields in enumerate(spec.interactions):
-            index[row, :len(fields)] = torch.tensor(fields, dtype=torch.int64)
-        self.register_buffer("interaction_index", index, persistent=False)
+        self.register_buffer("interaction_index", self.index_of(spec.interactions), persistent=False)
         mode = spec.interaction_mode
         self.in_dim = len(spec.readout) * self.behaviour_dim + self.n_fields * self.dim + (
             m * self.dim if "mlp" in mode else 0)
@@ -243,6 +242,14 @@ class AMEIRNet(nn.Module):
         self.linear = FirstOrder(list(cardinalities), 1, sparse) if spec.first_order else None
 
     # ------------------------------------------------------------ pieces (a search reuses the embeddings)
+
+    def index_of(self, interactions: Sequence[Sequence[int]], device: torch.device | None = None) -> torch.Tensor:
+        """``[M, max order]`` field indices of interactions, padded with N (a row of ones): interactions of
+        different orders in one gather and product; copied to ``device`` without waiting for it."""
+        order = max((len(i) for i in interactions), default=1)
+        rows = [list(i) + [self.n_fields] * (order - len(i)) for i in interactions]
+        index = torch.tensor(rows, dtype=torch.int64) if rows else torch.full((0, 1), self.n_fields, dtype=torch.int64)
+        return index if device is None else index.to(device, non_blocking=True)
 
     def embed(self, x: torch.Tensor, seq: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Field embeddings ``[B, N, K]`` and the behaviours ``[B, T, D_a]`` (None without readout)."""
@@ -273,16 +280,20 @@ class AMEIRNet(nn.Module):
                 parts.append(self.readout_unit.pool(h, target, lengths))
         return torch.cat(parts, dim=1)
 
-    def interactions(self, e: torch.Tensor) -> torch.Tensor:
-        """``p^b [B, M, K]``."""
+    def interactions(self, e: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """``p^b [B, M, K]`` of the spec's interactions, or of ``index`` (:meth:`index_of`) in the same slots."""
         ones = torch.ones_like(e[:, :1])
-        return torch.cat([e, ones], dim=1)[:, self.interaction_index].prod(dim=2)
+        return torch.cat([e, ones], dim=1)[:, self.interaction_index if index is None else index].prod(dim=2)
 
     def features(self, x: torch.Tensor, seq: dict[str, torch.Tensor] | None, seq_len: torch.Tensor | None,
-                 blocks: Sequence[tuple[str, str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(h_0, the logit terms outside the MLP)``: what every MLP of a step-3 search shares."""
+                 blocks: Sequence[tuple[str, str, str]],
+                 interactions: Sequence[Sequence[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(h_0, the logit terms outside the MLP)``: what every MLP of a step-3 search shares; ``interactions``
+        (None: the spec's) fill the M slots."""
+        if interactions is not None and len(interactions) != self.interaction_index.shape[0]:
+            raise ValueError(f"{len(interactions)} interactions for {self.interaction_index.shape[0]} slots")
         e, items = self.embed(x, seq)
-        p = self.interactions(e)
+        p = self.interactions(e, None if interactions is None else self.index_of(interactions, e.device))
         parts = []
         if items is not None:
             assert seq_len is not None
@@ -310,7 +321,7 @@ class AMEIRNet(nn.Module):
     def forward(self, x: torch.Tensor, seq: dict[str, torch.Tensor] | None = None,
                 seq_len: torch.Tensor | None = None, choice: Choice | None = None) -> torch.Tensor:
         c = choice or self.spec.default
-        h, extra = self.features(x, seq, seq_len, c.blocks)
+        h, extra = self.features(x, seq, seq_len, c.blocks, c.interactions)
         return self.head(h, c.hidden, c.activations) + extra
 
 
@@ -319,11 +330,14 @@ def child_spec(spec: NetSpec, choice: Choice) -> NetSpec:
     return NetSpec(
         block_layers=[[layer] for _, layer, _ in choice.blocks],
         block_norm=[norm == "layernorm" for norm, _, _ in choice.blocks],
-        readout=list(spec.readout), interactions=list(spec.interactions), interaction_mode=spec.interaction_mode,
+        readout=list(spec.readout),
+        interactions=list(spec.interactions if choice.interactions is None else choice.interactions),
+        interaction_mode=spec.interaction_mode,
         first_order=spec.first_order, hidden=list(choice.hidden),
         dice_widths=[[w] if a == "dice" else [] for w, a in zip(choice.hidden, choice.activations)],
         dilation=spec.dilation, attention_hidden=spec.attention_hidden,
-        attention_activation=spec.attention_activation, se_ratio=spec.se_ratio, default=choice)
+        attention_activation=spec.attention_activation, se_ratio=spec.se_ratio,
+        default=replace(choice, interactions=None))  # the child's own interactions are its spec's
 
 
 class InteractionSupernet(nn.Module):

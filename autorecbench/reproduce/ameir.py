@@ -7,8 +7,9 @@
   seed). xDeepFM, FiBiNet, AutoCross, AutoCTR: not implemented.
 - Table 4 (Alimama, NAS algorithms on one space): Random (``--random`` uniformly random architectures of the joint
   space trained standalone, ``method.architecture=…``; each seed's row is their best by validation AUC, as a
-  random search would pick) and AMEIR (AMEIR-C, shared with Table 1); the search cost is our search seconds.
-  RL, EA, ENAS, DARTS, SNAS and the one-shot random search over the joint space: not implemented.
+  random search would pick), One-shot random search (``method.search=joint``: one one-shot model over the joint
+  space, uniform children, no progressive steps) and AMEIR (AMEIR-C, shared with Table 1); the search cost is our
+  search seconds. RL, EA, ENAS, DARTS, SNAS: not implemented.
 - Table 5 (Criteo, Avazu): where p^b goes (``method.interaction_mode``) with the manual MLP (AMEIR-B's
   structure), and MLP+SE with the searched MLP (AMEIR-C).
 Every run uses the paper's batch size (``runner.batch_size=1024``). Each cell is our mean ± std over the seeds
@@ -82,7 +83,8 @@ TABLES: dict[str, tuple[list[str], list[str], dict[str, Any]]] = {
         "AMEIR-C": [*AMEIR, "method.variant=C"], "FIXED (capacity-matched)": MATCHED}),
     "table4": (["alimama"], ["auc", "search_seconds"], {
         "Random": RANDOM, "RL": None, "EA": None, "ENAS": None, "DARTS": None, "SNAS": None,
-        "One-shot random search": None, "AMEIR": [*AMEIR, "method.variant=C"]}),
+        "One-shot random search": [*AMEIR, "method.variant=C", "method.search=joint"],
+        "AMEIR": [*AMEIR, "method.variant=C"]}),
     "table5": (["criteo", "avazu"], ["auc", "logloss"], {
         "None / manual": [*AMEIR, "method.variant=B", "method.interaction_mode=none"],
         "MLP / manual": [*AMEIR, "method.variant=B", "method.interaction_mode=mlp"],
