@@ -242,6 +242,7 @@ def test_bad_options_are_user_errors() -> None:
                           (["method.search=greedy"], "method.search"),
                           (["method.search=joint", "method.variant=A"], "method.variant=C"),
                           (["method.search=joint", "method.joint_max_order=1"], "joint_max_order"),
+                          (["method.joint_fairness=fair"], "joint_fairness"),
                           (["method.joint_epochs=0"], "joint_epochs")):
         with pytest.raises(UserError, match=fragment):
             validate(compose([*base, *bad]))
@@ -396,6 +397,7 @@ def test_cli_joint_search_writes_what_ameir_writes_and_its_child_retrains_from_s
     (c,) = run_folders(home)
     arch = json.loads((c / "architecture.json").read_text())
     assert arch["search"] == "joint" and arch["variant"] == "C" and arch["interaction_mode"] == "mlp+se"
+    assert arch["fairness"] == "uniform"  # joint_fairness: one child per batch
     assert len(arch["blocks"]) == 3 and len(arch["interactions"]) == 2 and len(arch["mlp_hidden"]) == 2
     assert all(2 <= len(i) <= 2 for i in arch["interactions"])  # orders 2..cycles + 1 = 2
     assert arch["joint_space_log10"] == pytest.approx(math.log10((2 * 5 * 4) ** 3 * math.comb(120, 2) * 3 * 4))
@@ -473,3 +475,20 @@ def test_quick_budget_on_80k_alimama_rows_through_the_cli(home: Path) -> None:
           f"test AUC {test['auc']:.4f}, {json.loads((folder / 'architecture.json').read_text())}")
     assert len(search.filter(pl.col("step") == 3)) == 880 and len(search.filter(pl.col("step") == 1)) == 200
     assert cpu <= 2 * 600
+
+
+@pytest.mark.slow
+def test_a_joint_search_without_histories_resumes_to_the_same_numbers(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """``method.search=joint`` on Criteo-format data (no histories: ``joint_fairness=strict`` is over the MLP
+    activations), killed inside its one-shot training and resumed from the checkpoint: every table as without the
+    kill."""
+    from test_resume import CTR, assert_same, run_in_process, stop_and_resume
+
+    overrides = [*CTR, "method=ameir", "method.search=joint", "method.budget=quick", "method.cycles=1",
+                 "method.cycle_epochs=1", "method.interactions=2", "method.children=4", "method.top=1",
+                 "method.finetune_steps=2", "method.width_ratios=[0.5,1.0]", "method.joint_fairness=strict"]
+    reference = run_in_process(tmp_path / "a", overrides)
+    arch = json.loads((reference / "architecture.json").read_text())
+    assert arch["search"] == "joint" and arch["blocks"] == [] and len(arch["interactions"]) == 2
+    assert_same(reference, stop_and_resume(tmp_path / "b", overrides, 5, monkeypatch))

@@ -31,11 +31,13 @@ There is no public code: the paper (``../shared/papers/003_…``) is the spec, r
 **One-shot random search over the joint space** (``search: joint``; §3.3 Table 4's "One-shot Random Search
 [Li and Talwalkar, 2019]", the same search *without* the three progressive steps; ``progressive``, the default, is
 AMEIR): one supernet over the whole of AMEIR-C's space (:class:`JointSpace`: every block op, Eq. 1; M interaction
-slots; the K₀ × K₀ MLP, Eq. 2; the SE shortcut), trained on uniformly drawn children (``fairness: strict``: FairNAS
-over the blocks' Layer options as in Step 1, or over the MLP activations on data without histories; ``uniform``:
-one child per step); then ``children`` uniform children scored on the validation subset with inherited weights,
-the ``top`` fine-tuned, the best derived and re-trained as AMEIR derives (``retrain_from``). ``search.parquet``
-rows have ``step = "joint"``. Choices the paper leaves open ([D]):
+slots; the K₀ × K₀ MLP, Eq. 2; the SE shortcut), trained on uniformly drawn children; then ``children`` uniform
+children scored on the validation subset with inherited weights, the ``top`` fine-tuned, the best derived and
+re-trained as AMEIR derives (``retrain_from``). ``search.parquet`` rows have ``step = "joint"``. Choices the paper
+leaves open ([D]):
+- ``joint_fairness: uniform`` — one uniform child per batch, as the cited random search with weight sharing trains
+  its one-shot model (the fairness of §2.3 is AMEIR's own); ``strict``: FairNAS over the blocks' Layer options per
+  batch as in Step 1 (over the MLP activations on data without histories), 12 children per batch;
 - an interaction slot holds one of the Σ_r C(N, r) field sets of orders 2..``joint_max_order`` (null: ``cycles`` + 1,
   the highest order Step 2 reaches), the M of a child distinct; the order is drawn uniformly, then the fields
   (uniform over sets would put 64% of the draws at order 5 with N = 16 and 4 cycles); each slot has one weight
@@ -266,7 +268,7 @@ class AMEIR(CostedSearch, BackboneMethod):
                   "880 children; budget=quick shrinks counts and raises lr for CPUs; fine-tunes without early "
                   "stopping; search=joint (Table 4's one-shot random search over the joint space): interaction "
                   "orders 2..joint_max_order (null: cycles+1), order drawn first, one weight per slot; "
-                  "joint_epochs (null: the progressive steps' sum)")
+                  "joint_epochs (null: the progressive steps' sum); joint_fairness=uniform (one child per batch)")
     # The one-shot steps update supernets outside the loop's DDP module without averaging their gradients.
     data_parallel_refusal = "its one-shot search steps do not average gradients across processes"
 
@@ -298,7 +300,8 @@ class AMEIR(CostedSearch, BackboneMethod):
     def check_config(cls, cfg: DictConfig) -> None:
         if str(cfg.budget) not in cfg.budgets:
             raise UserError(f"method.budget must be one of {', '.join(cfg.budgets)}, got {cfg.budget!r}")
-        for key, options in (("variant", VARIANTS), ("search", SEARCHES), ("fairness", FAIRNESS), ("mutation", MUTATIONS),
+        for key, options in (("variant", VARIANTS), ("search", SEARCHES), ("fairness", FAIRNESS),
+                             ("joint_fairness", FAIRNESS), ("mutation", MUTATIONS),
                              ("interaction_sampling", SAMPLINGS), ("retrain_from", RETRAIN_FROM),
                              ("manual_activation", MLP_ACTIVATIONS), ("attention_activation", ("relu", "prelu", "dice"))):
             if str(cfg[key]) not in options:
@@ -418,7 +421,8 @@ class AMEIR(CostedSearch, BackboneMethod):
     def _searched(self, spec: NetSpec, **extra: Any) -> dict[str, Any]:
         cfg = self.ctx.cfg
         self.searched = self.describe(spec)
-        self.searched.update(search=str(cfg.search), budget=str(cfg.budget), fairness=str(cfg.fairness),
+        fairness = cfg.joint_fairness if str(cfg.search) == "joint" else cfg.fairness
+        self.searched.update(search=str(cfg.search), budget=str(cfg.budget), fairness=str(fairness),
                              blocks_space_size=self.blocks_space.size() if self.sequences else 0, **extra)
         return self.searched
 
@@ -739,9 +743,9 @@ class AMEIR(CostedSearch, BackboneMethod):
     def _joint(self, loop: OfflineLoop, valid: OfflineBatch) -> tuple[NetSpec, dict[str, torch.Tensor]]:
         """One-shot random search over the joint space (Table 4's baseline; Li & Talwalkar, 2019): one supernet
         holding every block op, M interaction slots (one weight per slot, whatever interaction fills it) and
-        K₀ × K₀ MLP layers; trained :meth:`joint_epochs` epochs on uniformly drawn children (strict fairness over
-        the blocks' Layer, or the MLP's activations without histories); then ``children`` uniform children scored
-        with inherited weights, the ``top`` fine-tuned, the best derived."""
+        K₀ × K₀ MLP layers; trained :meth:`joint_epochs` epochs on uniformly drawn children (``joint_fairness``:
+        one per batch, or strict fairness over the blocks' Layer — the MLP's activations without histories); then
+        ``children`` uniform children scored with inherited weights, the ``top`` fine-tuned, the best derived."""
         cfg = self.ctx.cfg
         space = self.joint_space(self.joint_slots())
         first = space.sample(self._rng(5))[0]  # the default path (the one the fit stage's monitor predicts with)
@@ -749,7 +753,7 @@ class AMEIR(CostedSearch, BackboneMethod):
                                         supernet_blocks=True)
         supernet = self.new_net(spec)
         rng = self._rng(6)
-        fair = None if str(cfg.fairness) != "strict" else "layer" if self.sequences else "activation"
+        fair = None if str(cfg.joint_fairness) != "strict" else "layer" if self.sequences else "activation"
 
         def children() -> list[Choice]:
             return [self._joint_choice(d, space, k0) for d in space.sample(rng, fair=fair)]
