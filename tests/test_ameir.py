@@ -421,6 +421,10 @@ def test_cli_joint_search_writes_what_ameir_writes_and_its_child_retrains_from_s
     assert again["cost"]["parameters"] == arch["cost"]["parameters"] and not (fixed / "search.parquet").exists()
     line = one_line_error(run_cli("run", *TINY, "method.search=joint", "method.variant=B", home=home))
     assert "method.search=joint" in line and len(run_folders(home)) == 2
+    # the search figure draws the joint search's children (step "joint")
+    run_cli("plot", str(c), "--kind", "ameir-search", "--out", str(home / "figures"), "--format", "png", home=home,
+            check=True)
+    assert len(list((home / "figures").glob("ameir-search_*.png"))) == 1
 
 
 def test_reproduction_stops_without_raw_data_and_marks_what_the_suite_lacks(home: Path,

@@ -34,11 +34,12 @@ def _layer_means(step1: pl.DataFrame) -> tuple[list[str], list[float], set[str]]
 def ameir_search(results: ResultSet, ctx: PlotContext) -> list[Plot]:
     plots = []
     for group, series, frame in series_frames(results, "search"):
-        # progressive runs write steps 1-3, joint runs "joint": read as text wherever the runs are mixed
-        frame = frame.filter(pl.col("method") == "ameir").with_columns(pl.col("step").cast(pl.String))
-        steps = sorted(frame["step"].unique().to_list()) if frame.height else []
-        if not steps:
+        frame = frame.filter(pl.col("method") == "ameir")
+        if not frame.height or "step" not in frame.columns:  # other methods' search tables
             continue
+        # progressive runs write steps 1-3, joint runs "joint": read as text wherever the runs are mixed
+        frame = frame.with_columns(pl.col("step").cast(pl.String))
+        steps = sorted(frame["step"].unique().to_list())
         figure, axes = new_figure(rows=len(steps), height_in=2.0)
         for ax, step in zip(axes, steps):
             part = frame.filter(pl.col("step") == step)
