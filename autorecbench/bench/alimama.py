@@ -32,13 +32,14 @@ ROWS_PER_USER = 12 * 32.5 * 1.1  # behaviour days x mean pv events per day x (1 
 
 
 def _spec(log_rows: int) -> Any:
-    from autorecbench.data.synthetic_alimama import AlimamaGenerator
+    from autorecbench.data.synthetic_alimama import FIRST_DESIGN, AlimamaGenerator
 
     users = max(100, round(log_rows / ROWS_PER_USER))
     ads = max(400, users)
-    return AlimamaGenerator(seed=0, users=users, ads=ads, categories=min(5000, ads // 2), brands=min(50_000, ads),
-                            campaigns=min(50_000, ads), customers=min(30_000, ads),
-                            samples=round(log_rows * FULL_SAMPLES / FULL_LOG_ROWS), chunk_users=4000)
+    sizes = {"users": users, "ads": ads, "categories": min(5000, ads // 2), "brands": min(50_000, ads),
+             "campaigns": min(50_000, ads), "customers": min(30_000, ads),
+             "samples": round(log_rows * FULL_SAMPLES / FULL_LOG_ROWS), "chunk_users": 4000}
+    return AlimamaGenerator(**{**FIRST_DESIGN, **sizes}, seed=0)  # the first design: ROWS_PER_USER's events a day
 
 
 def _raw(args: argparse.Namespace, log_rows: int) -> Path:
