@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 MEMORY_LIMIT_BYTES = 4 * 2**30
+SQUARE = 2048  # the large square matrix product of the FLOP-rate line
 
 
 def _dataset(args: argparse.Namespace) -> tuple[Path, Path]:
@@ -73,9 +74,33 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
 
     raw, processed = _dataset(args)
     _, data_cfg = _data_config(raw, processed)
-    return train_epoch(prepare(data_cfg), data_cfg, ["data=criteo", f"model={args.model}",
-                                                      f"method.embedding_optimizer={args.optimizer}"],
-                       args.device, args.train_rows)
+    prepared = prepare(data_cfg)
+    overrides = ["data=criteo", f"model={args.model}", f"method.embedding_optimizer={args.optimizer}"]
+    result = train_epoch(prepared, data_cfg, overrides, args.device, args.train_rows)
+    if args.model == "deepfm":
+        result.update(flop_rates(result, len(prepared.schema.fields), overrides, args.device))
+    return result
+
+
+def flop_rates(train: dict[str, Any], n_fields: int, overrides: list[str], device_name: str) -> dict[str, Any]:
+    """DeepFM's FLOPs per training sample (``flops.py``), the FLOP/s the training achieved, and the rate of one
+    matrix product of the MLP's first layer (batch x F d @ F d x hidden) and of a large square one
+    (``SQUARE``^3), measured in this process with the training's threads, right after it."""
+    from autorecbench.bench.flops import deepfm_flops, layer_widths, matmul_rate
+    from autorecbench.config import compose, resolve_device
+
+    model = compose(overrides).model
+    dim, hidden = int(model.embedding_dim), [int(h) for h in model.hidden]
+    per_sample = deepfm_flops(n_fields, dim, hidden)
+    device = resolve_device(device_name)
+    first_in, first_out = layer_widths(n_fields, dim, hidden)[0]
+    mlp_rate = matmul_rate(train["batch_size"], first_in, first_out, device)
+    square_rate = matmul_rate(SQUARE, SQUARE, SQUARE, device)
+    return {"flops_per_sample": per_sample.total, "mlp_flops_per_sample": per_sample.mlp_forward + per_sample.mlp_backward,
+            "achieved_flops_per_second": per_sample.total * train["samples_per_second"],
+            "matmul_mlp_shape": [mlp_rate.m, mlp_rate.k, mlp_rate.n],
+            "matmul_mlp_flops_per_second": mlp_rate.flops_per_second,
+            "matmul_square_flops_per_second": square_rate.flops_per_second}
 
 
 def train_epoch(prepared: Any, data_cfg: Any, overrides: list[str], device_name: str, train_rows: int) -> dict[str, Any]:
@@ -148,18 +173,22 @@ def run_stages(module: str, stages: list[str], options: list[str], describe: str
     return results
 
 
-def training_table(train: dict[str, Any]) -> Any:
-    """The rich table of a :func:`train_epoch` result."""
+def training_table(train: dict[str, Any], bench: str) -> Any:
+    """The rich table of a :func:`train_epoch` result, with the ratio to the README's figure of ``bench``."""
     from rich.table import Table
+
+    from autorecbench.bench.reference import load_references
 
     mib = 2**20
     table = Table(title=f"Training one epoch, FIXED + {train['model']} (batch {train['batch_size']}, "
                         f"{train['optimizer']} Adam)")
-    for col in ("device", "train rows", "samples/s", "parameters", "embedding MiB", "peak RSS MiB", "CUDA peak MiB",
-                "test AUC"):
+    for col in ("device", "train rows", "samples/s", "vs README", "parameters", "embedding MiB", "peak RSS MiB",
+                "CUDA peak MiB", "test AUC"):
         table.add_column(col, justify="right" if col != "device" else "left")
+    vs_readme = load_references().ratio(train["samples_per_second"], bench, "train_samples_per_second",
+                                        train["device"], model=train["model"])
     table.add_row(train["gpu"] or train["device"], f"{train['train_rows']:,}", f"{train['samples_per_second']:,.0f}",
-                  f"{train['parameters']:,}", f"{train['embedding_bytes'] / mib:,.1f}",
+                  vs_readme, f"{train['parameters']:,}", f"{train['embedding_bytes'] / mib:,.1f}",
                   f"{train['peak_rss_bytes'] / mib:,.0f}",
                   "–" if train["cuda_peak_bytes"] is None else f"{train['cuda_peak_bytes'] / mib:,.0f}",
                   f"{train['test_auc']:.4f}")
@@ -189,8 +218,10 @@ def main(argv: list[str] | None = None) -> None:
 
     from rich.table import Table
 
+    from autorecbench.bench.reference import hardware_line, load_average, load_references
     from autorecbench.console import out_console as console
 
+    load_at_start = load_average()
     with tempfile.TemporaryDirectory() as tmp:
         args.root = args.root or tmp
         # The file is written in a process of its own, so the preparation's peak memory is preparation only.
@@ -205,15 +236,38 @@ def main(argv: list[str] | None = None) -> None:
     mib = 2**20
     prep = results[0]
     table = Table(title=f"CTR preprocessing, synthetic Criteo Kaggle format ({prep['raw_bytes'] / mib:,.0f} MiB)")
-    for col in ("rows", "seconds", "rows/s", "peak RSS MiB", "< 4 GiB", "feature values", "cache MiB"):
+    for col in ("rows", "seconds", "rows/s", "vs README", "peak RSS MiB", "< 4 GiB", "feature values", "cache MiB"):
         table.add_column(col, justify="right")
-    table.add_row(f"{prep['rows']:,}", f"{prep['seconds']:.1f}", f"{prep['rows_per_second']:,.0f}",
+    references = load_references()
+    # Preparation runs on the CPU; the README's figures name the machine (the H100 one had 16 cores).
+    vs_readme = references.ratio(prep["rows_per_second"], "ctr", "prepare_rows_per_second",
+                                 results[-1].get("device", "cpu") if len(results) > 1 else "cpu")
+    table.add_row(f"{prep['rows']:,}", f"{prep['seconds']:.1f}", f"{prep['rows_per_second']:,.0f}", vs_readme,
                   f"{prep['peak_rss_bytes'] / mib:,.0f}", "yes" if prep["peak_rss_bytes"] < MEMORY_LIMIT_BYTES else "NO",
                   f"{prep['feature_values']:,}", f"{prep['cache_bytes'] / mib:,.0f}")
     console.print(table)
     if len(results) > 1:
-        console.print(training_table(results[1]))
-        console.print(f"torch threads: {results[1]['torch_threads']}")
+        train = results[1]
+        console.print(training_table(train, "ctr"))
+        if "flops_per_sample" in train:
+            console.print(flop_line(train))
+        console.print(f"torch threads: {train['torch_threads']}")
+    console.print(hardware_line(args.device, load_at_start))
+    console.print(references.legend())
+
+
+def flop_line(train: dict[str, Any]) -> str:
+    """Achieved FLOP/s of the training against the machine's matrix-product rates (:func:`flop_rates`)."""
+    giga = 1e9
+    achieved = train["achieved_flops_per_second"]
+    m, k, n = train["matmul_mlp_shape"]
+    return (f"FLOPs: {train['flops_per_sample']:,} per training sample (DeepFM's MLP and FM, forward + backward; "
+            f"{train['mlp_flops_per_sample']:,} in matrix products) x {train['samples_per_second']:,.0f} samples/s "
+            f"= {achieved / giga:,.1f} GFLOP/s achieved; one matrix product {m} x {k} @ {k} x {n}: "
+            f"{train['matmul_mlp_flops_per_second'] / giga:,.1f} GFLOP/s (achieved "
+            f"{achieved / train['matmul_mlp_flops_per_second']:.1%} of it), {SQUARE} x {SQUARE} @ {SQUARE} x "
+            f"{SQUARE}: {train['matmul_square_flops_per_second'] / giga:,.1f} GFLOP/s "
+            f"({achieved / train['matmul_square_flops_per_second']:.1%})")
 
 
 if __name__ == "__main__":

@@ -115,8 +115,10 @@ def main(argv: list[str] | None = None) -> None:
 
     from rich.table import Table
 
+    from autorecbench.bench.reference import hardware_line, load_average, load_references
     from autorecbench.console import out_console as console
 
+    load_at_start = load_average()
     with tempfile.TemporaryDirectory() as tmp:
         root = args.root or tmp
         runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -146,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     mib = 2**20
     table = Table(title=f"Streaming throughput, synthetic stream, id spaces {args.users:,} users x {args.items:,} items")
-    columns = ["method", "Adam", "device", "rows", "interactions/s", "FIXED / method", "stream s", "peak RSS MiB",
+    references = load_references()
+    columns = ["method", "Adam", "device", "rows", "interactions/s", "vs README", "FIXED / method", "stream s", "peak RSS MiB",
                "CUDA peak MiB", "embedding MiB", "optimizer state MiB"]
     for col in columns:
         table.add_column(col, justify="right" if col not in ("method", "Adam", "device") else "left")
@@ -162,7 +165,10 @@ def main(argv: list[str] | None = None) -> None:
         ratio = f"{statistics.median(ratios):.2f}×" if ratios and method != "fixed" else "–"
         table.add_row(
             method + (" (static)" if r.get("static_shapes") else ""), optimizer, r["gpu"] or r["device"],
-            f"{r['rows']:,}", speed, ratio,
+            f"{r['rows']:,}", speed,
+            references.ratio(statistics.median(speeds), "streaming", "interactions_per_second", r["device"],
+                             method=method, optimizer=optimizer) if not r.get("static_shapes") else "–",
+            ratio,
             f"{r['stream_seconds']:.1f}", f"{r['peak_rss_bytes'] / mib:,.0f}",
             "–" if r["cuda_peak_bytes"] is None else f"{r['cuda_peak_bytes'] / mib:,.0f}",
             f"{r['embedding_bytes'] / mib:,.1f}", f"{r['embedding_optimizer_bytes'] / mib:,.1f}",
@@ -171,6 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     first = next(iter(runs.values()), [{}])[0]
     rounds = f"; median (min–max) of {args.repeat} rounds" if args.repeat > 1 else ""
     console.print(f"torch threads: {first.get('torch_threads', '?')}; batch size {args.batch_size}{rounds}")
+    console.print(hardware_line(args.device, load_at_start))
+    console.print(references.legend())
 
 
 if __name__ == "__main__":
