@@ -127,3 +127,30 @@ def test_hardware_line_names_cpu_threads_torch_and_load() -> None:
     line = hardware_line("cpu", 1.25)
     assert line.startswith("hardware: ") and f"torch {torch.__version__}" in line
     assert "cores" in line and "torch threads" in line and "device cpu" in line and "1.25 at start" in line
+
+
+def test_fuxictr_deepfm_has_our_deepfm_parameters_and_trains(tmp_path: Path) -> None:
+    """``bench.ctr --fuxictr``: FuxiCTR's DeepFM (from its layers) has exactly our DeepFM's parameters for the same
+    fields and sizes, and one epoch on a planted first-order signal runs and learns it."""
+    pytest.importorskip("fuxictr")
+    from types import SimpleNamespace
+
+    from autorecbench.bench.fuxictr_deepfm import train_fuxictr
+
+    n_fields, dim, hidden = 3, 4, [8, 8]
+    ours = tiny_deepfm(n_fields, dim, hidden)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 5, (4000, n_fields), generator=generator, dtype=torch.int32)
+    label = (x[:, 0] < 2).float()  # field 0's value decides the click
+
+    class Split(SimpleNamespace):
+        def __len__(self) -> int:
+            return int(self.x.shape[0])
+
+    data = SimpleNamespace(fields=[FieldSpec(f"f{i}", 5 + i) for i in range(n_fields)],
+                           train=Split(x=x[:3000], label=label[:3000]), test=Split(x=x[3000:], label=label[3000:]))
+    cfg = OmegaConf.create({"embedding_dim": dim, "hidden": hidden, "dropout": 0.2, "batch_norm": True})
+    result = train_fuxictr(data, cfg, 100, 1e-2, torch.device("cpu"), tmp_path, workers=0)
+    assert result["parameters"] == sum(p.numel() for p in ours.parameters())
+    assert result["train_rows"] == 3000 and result["samples_per_second"] > 0
+    assert result["test_auc"] > 0.9

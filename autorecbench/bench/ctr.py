@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,20 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _fuxictr(args: argparse.Namespace) -> dict[str, Any]:
+    """FuxiCTR's DeepFM on the rows and settings ``_train`` uses (``fuxictr_deepfm.py``)."""
+    from autorecbench.bench.fuxictr_deepfm import train_fuxictr
+    from autorecbench.data.cache import prepare
+
+    raw, processed = _dataset(args)
+    _, data_cfg = _data_config(raw, processed)
+    overrides = ["data=criteo", "model=deepfm", "method.embedding_optimizer=dense"]
+    setup = epoch_setup(prepare(data_cfg), data_cfg, overrides, args.device, args.train_rows)
+    with tempfile.TemporaryDirectory(dir=args.root) as folder:
+        return train_fuxictr(setup.data, setup.cfg.model, setup.batch_size, float(setup.cfg.method.lr),
+                             setup.device, Path(folder), args.fuxictr_workers)
+
+
 def flop_rates(train: dict[str, Any], n_fields: int, overrides: list[str], device_name: str) -> dict[str, Any]:
     """DeepFM's FLOPs per training sample (``flops.py``), the FLOP/s the training achieved, and the rate of one
     matrix product of the MLP's first layer (batch x F d @ F d x hidden) and of a large square one
@@ -103,17 +118,26 @@ def flop_rates(train: dict[str, Any], n_fields: int, overrides: list[str], devic
             "matmul_square_flops_per_second": square_rate.flops_per_second}
 
 
-def train_epoch(prepared: Any, data_cfg: Any, overrides: list[str], device_name: str, train_rows: int) -> dict[str, Any]:
-    """FIXED on the composed ``overrides`` for one epoch over ``train_rows`` training rows of ``prepared``: its
-    training samples/s (optimisation steps only) and memory."""
-    import torch
+@dataclass
+class EpochSetup:
+    """The composed config, device, one-epoch offline protocol and loaded splits a training bench runs on."""
+
+    cfg: Any
+    device: Any
+    task: Any
+    protocol: Any
+    data: Any
+    batch_size: int
+
+
+def epoch_setup(prepared: Any, data_cfg: Any, overrides: list[str], device_name: str, train_rows: int) -> EpochSetup:
+    """The offline protocol of the composed ``overrides`` for one epoch, its splits cut to ``train_rows`` training
+    rows (every split in proportion), loaded on ``device_name``; seeds set."""
     from omegaconf import OmegaConf
 
-    from autorecbench import envinfo
     from autorecbench.config import compose, resolve_device
     from autorecbench.data.schema import TaskSpec
     from autorecbench.execute import seed_everything
-    from autorecbench.methods.base import MethodContext, method_class
     from autorecbench.runners.offline import OfflineConfig, OfflineProtocol
 
     cfg = compose(overrides)
@@ -127,6 +151,19 @@ def train_epoch(prepared: Any, data_cfg: Any, overrides: list[str], device_name:
     seed_everything(0, deterministic=False)
     protocol = OfflineProtocol(OfflineConfig(**options))
     data = protocol.load(prepared, task, device, data_cfg)
+    return EpochSetup(cfg, device, task, protocol, data, int(options["batch_size"]))
+
+
+def train_epoch(prepared: Any, data_cfg: Any, overrides: list[str], device_name: str, train_rows: int) -> dict[str, Any]:
+    """FIXED on the composed ``overrides`` for one epoch over ``train_rows`` training rows of ``prepared``: its
+    training samples/s (optimisation steps only) and memory."""
+    import torch
+
+    from autorecbench import envinfo
+    from autorecbench.methods.base import MethodContext, method_class
+
+    setup = epoch_setup(prepared, data_cfg, overrides, device_name, train_rows)
+    cfg, device, task, protocol, data = setup.cfg, setup.device, setup.task, setup.protocol, setup.data
     method = method_class("fixed", "offline")(MethodContext(prepared.schema, task, cfg.method, cfg.model, device, 0))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -136,7 +173,7 @@ def train_epoch(prepared: Any, data_cfg: Any, overrides: list[str], device_name:
         "stage": "train",
         "model": str(cfg.model.name),
         "optimizer": str(cfg.method.embedding_optimizer),
-        "batch_size": int(options["batch_size"]),
+        "batch_size": setup.batch_size,
         "device": str(device),
         "gpu": envinfo.hardware(device).get("gpu"),
         "train_rows": len(data.train),
@@ -206,15 +243,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--root", default=None, help="folder for the generated file and cache (default: temporary)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per stage")
-    parser.add_argument("--stage", choices=["generate", "prepare", "train"], help=argparse.SUPPRESS)
+    parser.add_argument("--fuxictr", action="store_true",
+                        help="also train FuxiCTR's DeepFM on the same rows and settings (the [bench] extra)")
+    parser.add_argument("--fuxictr-workers", type=int, default=1,
+                        help="worker processes of FuxiCTR's loader (default 1, its own default)")
+    parser.add_argument("--stage", choices=["generate", "prepare", "train", "fuxictr"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.stage == "generate":
         print(json.dumps({"stage": "generate", "raw": str(_dataset(args)[0])}))
         return
     if args.stage:
-        print(json.dumps(_prepare(args) if args.stage == "prepare" else _train(args)))
+        stages = {"prepare": _prepare, "train": _train, "fuxictr": _fuxictr}
+        print(json.dumps(stages[args.stage](args)))
         return
+    if args.fuxictr:
+        import importlib.util
+
+        if args.skip_train or args.model != "deepfm" or args.optimizer != "dense":
+            sys.exit("--fuxictr compares DeepFM with dense Adam: drop --skip-train, --model and --optimizer")
+        if importlib.util.find_spec("fuxictr") is None:
+            sys.exit('--fuxictr needs FuxiCTR: pip install -e ".[bench]" (make setup installs it)')
 
     from rich.table import Table
 
@@ -226,9 +275,10 @@ def main(argv: list[str] | None = None) -> None:
         args.root = args.root or tmp
         # The file is written in a process of its own, so the preparation's peak memory is preparation only.
         stages = ["generate", "prepare"] if args.skip_train else ["generate", "prepare", "train"]
+        stages += ["fuxictr"] if args.fuxictr else []
         options = [f"--rows={args.rows}", f"--cardinality={args.cardinality}", f"--train-rows={args.train_rows}",
                    f"--model={args.model}", f"--optimizer={args.optimizer}", f"--device={args.device}",
-                   f"--root={args.root}"]
+                   f"--root={args.root}", f"--fuxictr-workers={args.fuxictr_workers}"]
         results = run_stages("autorecbench.bench.ctr", stages, options, f"{args.rows:,}-row Criteo-format file",
                              args.json)
     if args.json:
@@ -252,8 +302,26 @@ def main(argv: list[str] | None = None) -> None:
         if "flops_per_sample" in train:
             console.print(flop_line(train))
         console.print(f"torch threads: {train['torch_threads']}")
+    if len(results) > 2:
+        console.print(fuxictr_table(results[1], results[2]))
     console.print(hardware_line(args.device, load_at_start))
     console.print(references.legend())
+
+
+def fuxictr_table(ours: dict[str, Any], fuxictr: dict[str, Any]) -> Any:
+    """Our DeepFM's training samples/s beside FuxiCTR's on the same rows (``fuxictr_deepfm.py``)."""
+    from rich.table import Table
+
+    table = Table(title=f"DeepFM, one epoch over the same {ours['train_rows']:,} rows: ours against FuxiCTR 2.3.10")
+    for col in ("implementation", "samples/s (training loop)", "ours / it", "samples/s (steps alone)", "test AUC"):
+        table.add_column(col, justify="left" if col == "implementation" else "right")
+    table.add_row("autorecbench (FIXED + deepfm)", f"{ours['samples_per_second']:,.0f}", "", "", f"{ours['test_auc']:.4f}")
+    table.add_row(f"FuxiCTR ({fuxictr['loader_workers']} loader worker(s))", f"{fuxictr['samples_per_second']:,.0f}",
+                  f"{ours['samples_per_second'] / fuxictr['samples_per_second']:.2f}×",
+                  f"{fuxictr['steps_samples_per_second']:,.0f} "
+                  f"({ours['samples_per_second'] / fuxictr['steps_samples_per_second']:.2f}×)",
+                  f"{fuxictr['test_auc']:.4f}")
+    return table
 
 
 def flop_line(train: dict[str, Any]) -> str:
