@@ -7,15 +7,24 @@
    random 8:1:1 split) in its own process, and reports rows/s and that process's peak resident memory
    (the chunked reader keeps it bounded: the issue asks for < 4 GB at 5M rows).
 3. Trains FIXED + DeepFM (AutoLoss §3.3 settings, batch 2000) for one epoch over ``--train-rows`` training
-   rows in its own process and reports training samples/s (optimisation steps only) on ``--device``.
+   rows in its own process and reports training samples/s (optimisation steps only) on ``--device``; with
+   DeepFM, its FLOPs per sample (``flops.py``), the FLOP/s achieved and their share of the rate of one matrix
+   product of the MLP's first layer and of a large square one, both measured in that process right after.
+4. ``--fuxictr``: trains FuxiCTR's DeepFM on the same rows and settings in its own process
+   (``fuxictr_deepfm.py``) and prints both samples/s and their ratio; ``--repeat N`` alternates N rounds of
+   ours and FuxiCTR's and prints each round's ratio and their median.
 
-    python -m autorecbench.bench.ctr [--rows 5000000] [--train-rows 500000] [--device auto] [--json]
+Every figure is printed with its ratio to README "Speed" (``reference.yaml``) and a hardware line.
+
+    python -m autorecbench.bench.ctr [--rows 5000000] [--train-rows 500000] [--device auto] [--fuxictr]
+                                     [--repeat 1] [--fuxictr-workers 1] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -245,6 +254,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object per stage")
     parser.add_argument("--fuxictr", action="store_true",
                         help="also train FuxiCTR's DeepFM on the same rows and settings (the [bench] extra)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="training rounds (ours, then FuxiCTR's with --fuxictr, in turn); tables show medians")
     parser.add_argument("--fuxictr-workers", type=int, default=1,
                         help="worker processes of FuxiCTR's loader (default 1, its own default)")
     parser.add_argument("--stage", choices=["generate", "prepare", "train", "fuxictr"], help=argparse.SUPPRESS)
@@ -274,8 +285,10 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         args.root = args.root or tmp
         # The file is written in a process of its own, so the preparation's peak memory is preparation only.
-        stages = ["generate", "prepare"] if args.skip_train else ["generate", "prepare", "train"]
-        stages += ["fuxictr"] if args.fuxictr else []
+        # Training rounds alternate ours and FuxiCTR's (--repeat): on a machine whose speed drifts, the two of a
+        # round are measured under the same load.
+        rounds = [] if args.skip_train else (["train", "fuxictr"] if args.fuxictr else ["train"]) * args.repeat
+        stages = ["generate", "prepare", *rounds]
         options = [f"--rows={args.rows}", f"--cardinality={args.cardinality}", f"--train-rows={args.train_rows}",
                    f"--model={args.model}", f"--optimizer={args.optimizer}", f"--device={args.device}",
                    f"--root={args.root}", f"--fuxictr-workers={args.fuxictr_workers}"]
@@ -296,31 +309,41 @@ def main(argv: list[str] | None = None) -> None:
                   f"{prep['peak_rss_bytes'] / mib:,.0f}", "yes" if prep["peak_rss_bytes"] < MEMORY_LIMIT_BYTES else "NO",
                   f"{prep['feature_values']:,}", f"{prep['cache_bytes'] / mib:,.0f}")
     console.print(table)
-    if len(results) > 1:
-        train = results[1]
+    trains = [r for r in results if r["stage"] == "train"]
+    if trains:
+        train = sorted(trains, key=lambda r: r["samples_per_second"])[len(trains) // 2]  # the median round's
         console.print(training_table(train, "ctr"))
         if "flops_per_sample" in train:
             console.print(flop_line(train))
-        console.print(f"torch threads: {train['torch_threads']}")
-    if len(results) > 2:
-        console.print(fuxictr_table(results[1], results[2]))
+        console.print(f"torch threads: {train['torch_threads']}" + (f"; the median of {len(trains)} rounds" if
+                                                                     len(trains) > 1 else ""))
+    theirs = [r for r in results if r["stage"] == "fuxictr"]
+    if theirs:
+        console.print(fuxictr_table(trains, theirs))
     console.print(hardware_line(args.device, load_at_start))
     console.print(references.legend())
 
 
-def fuxictr_table(ours: dict[str, Any], fuxictr: dict[str, Any]) -> Any:
-    """Our DeepFM's training samples/s beside FuxiCTR's on the same rows (``fuxictr_deepfm.py``)."""
+def fuxictr_table(ours: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> Any:
+    """Our DeepFM's training samples/s beside FuxiCTR's on the same rows (``fuxictr_deepfm.py``), per round
+    (measured one after the other) and the median over rounds of each round's ratio."""
     from rich.table import Table
 
-    table = Table(title=f"DeepFM, one epoch over the same {ours['train_rows']:,} rows: ours against FuxiCTR 2.3.10")
-    for col in ("implementation", "samples/s (training loop)", "ours / it", "samples/s (steps alone)", "test AUC"):
-        table.add_column(col, justify="left" if col == "implementation" else "right")
-    table.add_row("autorecbench (FIXED + deepfm)", f"{ours['samples_per_second']:,.0f}", "", "", f"{ours['test_auc']:.4f}")
-    table.add_row(f"FuxiCTR ({fuxictr['loader_workers']} loader worker(s))", f"{fuxictr['samples_per_second']:,.0f}",
-                  f"{ours['samples_per_second'] / fuxictr['samples_per_second']:.2f}×",
-                  f"{fuxictr['steps_samples_per_second']:,.0f} "
-                  f"({ours['samples_per_second'] / fuxictr['steps_samples_per_second']:.2f}×)",
-                  f"{fuxictr['test_auc']:.4f}")
+    table = Table(title=f"DeepFM, one epoch over the same {ours[0]['train_rows']:,} rows: ours against FuxiCTR "
+                        f"2.3.10 ({theirs[0]['loader_workers']} loader worker(s))")
+    for col in ("round", "ours samples/s", "FuxiCTR samples/s (its loop)", "ours / FuxiCTR",
+                "FuxiCTR samples/s (steps alone)", "ours / FuxiCTR steps", "test AUC ours / FuxiCTR"):
+        table.add_column(col, justify="right")
+    loop_ratios, step_ratios = [], []
+    for round_, (mine, fuxi) in enumerate(zip(ours, theirs), 1):
+        loop_ratios.append(mine["samples_per_second"] / fuxi["samples_per_second"])
+        step_ratios.append(mine["samples_per_second"] / fuxi["steps_samples_per_second"])
+        table.add_row(str(round_), f"{mine['samples_per_second']:,.0f}", f"{fuxi['samples_per_second']:,.0f}",
+                      f"{loop_ratios[-1]:.2f}×", f"{fuxi['steps_samples_per_second']:,.0f}", f"{step_ratios[-1]:.2f}×",
+                      f"{mine['test_auc']:.4f} / {fuxi['test_auc']:.4f}")
+    if len(loop_ratios) > 1:
+        table.add_row("median", "", "", f"{statistics.median(loop_ratios):.2f}×", "",
+                      f"{statistics.median(step_ratios):.2f}×", "")
     return table
 
 
