@@ -271,10 +271,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.fuxictr:
         import importlib.util
 
+        problem = None
         if args.skip_train or args.model != "deepfm" or args.optimizer != "dense":
-            sys.exit("--fuxictr compares DeepFM with dense Adam: drop --skip-train, --model and --optimizer")
-        if importlib.util.find_spec("fuxictr") is None:
-            sys.exit('--fuxictr needs FuxiCTR: pip install -e ".[bench]" (make setup installs it)')
+            problem = "--fuxictr compares DeepFM with dense Adam: drop --skip-train, --model and --optimizer"
+        elif importlib.util.find_spec("fuxictr") is None:
+            problem = '--fuxictr needs FuxiCTR: pip install -e ".[bench]" (make setup installs it)'
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            sys.exit(2)
 
     from rich.table import Table
 
