@@ -167,8 +167,8 @@ def main(argv: list[str] | None = None) -> None:
             default = each / max(DEFAULT_SECONDS, COST_FACTOR * each)
             table.add_row(method, f"{plain['seconds']:.1f}", f"{with_['seconds']:.1f}", str(with_["count"]),
                           f"{each:.3f}",
-                          references.ratio(each if with_["count"] else None, "checkpoint", "seconds_per_checkpoint", with_["device"],
-                                           method=method),
+                          references.ratio(each if with_["count"] else None, "checkpoint", "seconds_per_checkpoint",
+                                           with_["device"], method=method),
                           f"{with_['checkpoint_bytes'] / 2**20:,.1f}", f"{measured:+.1%}",
                           f"{default:.2%}")
     console.print(table)

@@ -119,6 +119,7 @@ def train_fuxictr(data: Any, model_cfg: Any, batch_size: int, learning_rate: flo
         "samples_per_second": rows / epoch_seconds,
         "steps_samples_per_second": rows / steps_seconds,
         "loader_workers": workers,
+        "device": str(device),
         "test_auc": float(metrics["AUC"]),
         "parameters": sum(p.numel() for p in model.parameters()),
         "peak_rss_bytes": envinfo.peak_rss_bytes(),

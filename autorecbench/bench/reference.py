@@ -82,7 +82,8 @@ def load_average() -> float | None:
 
 
 def hardware_line(device_name: str, load_at_start: float | None) -> str:
-    """``hardware: <CPU model>, N cores, T torch threads, torch X, device D; load average A at start, B at end``."""
+    """``hardware: <CPU model>, N cores, torch threads T, torch X, ..., device D; load average (1 min) A at start,
+    B at end``."""
     import torch
 
     from autorecbench.config import resolve_device
@@ -93,6 +94,6 @@ def hardware_line(device_name: str, load_at_start: float | None) -> str:
     where = info.get("gpu") or str(device)
     loads = [f"{load:.2f} at {when}" for load, when in ((load_at_start, "start"), (load_average(), "end"))
              if load is not None]
-    return (f"hardware: {info['cpu']}, {info['cpu_count']} cores, {info['torch_threads']} torch threads, "
+    return (f"hardware: {info['cpu']}, {info['cpu_count']} cores, torch threads {info['torch_threads']}, "
             f"torch {torch.__version__}, python {platform.python_version()}, device {where}; "
             f"load average (1 min) {', '.join(loads) or 'unknown'}")

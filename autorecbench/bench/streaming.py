@@ -169,8 +169,9 @@ def main(argv: list[str] | None = None) -> None:
         table.add_row(
             method + (" (static)" if r.get("static_shapes") else ""), optimizer, r["gpu"] or r["device"],
             f"{r['rows']:,}", speed,
-            references.ratio(statistics.median(speeds), "streaming", "interactions_per_second", r["device"],
-                             method=method, optimizer=optimizer) if not r.get("static_shapes") else "–",
+            "–" if r.get("static_shapes") else references.ratio(
+                statistics.median(speeds), "streaming", "interactions_per_second", r["device"], method=method,
+                optimizer=optimizer, task=r["task"]),
             ratio,
             f"{r['stream_seconds']:.1f}", f"{statistics.median(x['cpu_seconds'] for x in results):.1f}",
             f"{r['peak_rss_bytes'] / mib:,.0f}",
