@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 # e.g. BENCH_ARGS="--repeat 5 --methods fixed,esapn --optimizers lazy" (see python -m autorecbench.bench.streaming --help)
 BENCH_ARGS ?=
+# bench.ctr's options; --fuxictr trains FuxiCTR's DeepFM beside ours (the [bench] extra, which `make setup` installs)
+CTR_BENCH_ARGS ?= --fuxictr
 SHARED_ML_LATEST_SMALL ?= ../shared/data/ml-latest-small
 
 .PHONY: setup test test-slow test-gpu bench clean-results help reproduce-table1 reproduce-autoloss-table2
@@ -17,7 +19,9 @@ help:
 	@echo "make bench      streaming throughput and peak memory on a synthetic stream; CTR preprocessing"
 	@echo "                (5M Criteo-format rows: rows/s, peak RSS) and DeepFM training samples/s; Alimama"
 	@echo "                behaviour-log preparation (25M and 50M rows: rows/s, peak RSS, extrapolated to 723M)"
-	@echo "                and DIN training samples/s; checkpoint cost"
+	@echo "                and DIN training samples/s; checkpoint cost. Every figure with its ratio to README"
+	@echo "                \"Speed\" (bench/reference.yaml) and a hardware line; DeepFM's FLOP/s against the"
+	@echo "                matmul rate and FuxiCTR's DeepFM on the same rows (CTR_BENCH_ARGS=--fuxictr, default)"
 	@echo "make reproduce-table1 [DATA=ml-latest-small|ml-100k] [SEEDS=0,1,2] [JOBS=2]"
 	@echo "                the ESAPN paper's Table 1 grid (ml-20m and ml-latest by default), printed beside the paper"
 	@echo "make reproduce-autoloss-table2 [ARGS='--small' | ARGS='--seeds 0,1,2 device=cuda']"
@@ -57,7 +61,7 @@ test-gpu:
 
 bench:
 	$(BIN)/python -m autorecbench.bench.streaming $(BENCH_ARGS)
-	$(BIN)/python -m autorecbench.bench.ctr
+	$(BIN)/python -m autorecbench.bench.ctr $(CTR_BENCH_ARGS)
 	$(BIN)/python -m autorecbench.bench.checkpoint
 	$(BIN)/python -m autorecbench.bench.alimama
 

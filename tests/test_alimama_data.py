@@ -313,3 +313,21 @@ def test_dsin_preset_row_counts_and_histories_match_a_pandas_reference(tmp_path:
         assert [int(cates[row[f"hist_cate_{t}"]]) for t in range(row["hist_len"])] == expected
         checked += 1
     assert checked > 100
+
+
+def test_generator_defaults_are_the_yaml_and_the_first_design_pins_what_changed() -> None:
+    import json
+    from dataclasses import asdict
+
+    from omegaconf import OmegaConf
+
+    from autorecbench.config import compose
+    from autorecbench.data.synthetic_alimama import FIRST_DESIGN, FIRST_DESIGN_OVERRIDES
+
+    yaml = OmegaConf.to_container(compose(["data=synthetic-alimama"]).data.generator)
+    assert isinstance(yaml, dict) and yaml.pop("kind") == "alimama"
+    assert yaml == json.loads(json.dumps(asdict(AlimamaGenerator())))  # tuples as lists
+    # the AMEIR checks and the bench pin the first design: every pinned value differs from today's default
+    assert all(value != yaml[key] for key, value in FIRST_DESIGN.items())
+    pinned = compose(["data=synthetic-alimama", *FIRST_DESIGN_OVERRIDES]).data.generator
+    assert {key: pinned[key] for key in FIRST_DESIGN} == FIRST_DESIGN

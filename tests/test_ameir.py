@@ -18,6 +18,7 @@ from torch import nn
 
 from autorecbench.config import compose, validate
 from autorecbench.data.schema import FieldSpec, Schema, TaskSpec
+from autorecbench.data.synthetic_alimama import FIRST_DESIGN_OVERRIDES
 from autorecbench.errors import UserError
 from autorecbench.methods.ameir import AMEIR, JointSpace, block_space, mlp_space, mlp_widths, mutate, width_pairs
 from autorecbench.methods.base import MethodContext
@@ -348,10 +349,10 @@ def test_a_joint_child_round_trips_through_architecture_json(tmp_path: Path) -> 
 
 # ---------------------------------------------------------------- through the CLI
 
-TINY = ["data=synthetic-alimama", "data.generator.users=200", "data.generator.ads=60", "data.generator.samples=2000",
-        "data.generator.events_max=15", "data.max_seq_len=6", "runner.epochs=1", "runner.batch_size=250",
-        "method=ameir", "method.budget=quick", "method.children=4", "method.top=1", "method.cycles=1",
-        "method.keep=3", "method.interactions=2", "method.width_ratios=[0.5,1.0]",
+TINY = ["data=synthetic-alimama", *FIRST_DESIGN_OVERRIDES, "data.generator.users=200", "data.generator.ads=60",
+        "data.generator.samples=2000", "data.generator.events_max=15", "data.max_seq_len=6", "runner.epochs=1",
+        "runner.batch_size=250", "method=ameir", "method.budget=quick", "method.children=4", "method.top=1",
+        "method.cycles=1", "method.keep=3", "method.interactions=2", "method.width_ratios=[0.5,1.0]",
         "method.mlp_activations=[relu,dice]", "method.finetune_steps=1", "method.manual_hidden=[16,8]",
         "method.layers=[conv3,bigru,attention2,target_attention,zero]", "method.valid_rows=500"]
 
@@ -467,8 +468,8 @@ def test_quick_budget_on_80k_alimama_rows_through_the_cli(home: Path) -> None:
     """The quick budget end to end on ~80,000 Alimama-format rows: search and re-train within 10 minutes of
     2 cores (checked as CPU time, which other processes on a shared machine do not inflate)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    run_cli("run", "data=synthetic-alimama", "data.generator.samples=80000", "method=ameir", "method.budget=quick",
-            "runner.batch_size=1024", "-q", home=home, check=True, timeout=7200)
+    run_cli("run", "data=synthetic-alimama", *FIRST_DESIGN_OVERRIDES, "data.generator.samples=80000", "method=ameir",
+            "method.budget=quick", "runner.batch_size=1024", "-q", home=home, check=True, timeout=7200)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     (folder,) = run_folders(home)

@@ -32,13 +32,14 @@ ROWS_PER_USER = 12 * 32.5 * 1.1  # behaviour days x mean pv events per day x (1 
 
 
 def _spec(log_rows: int) -> Any:
-    from autorecbench.data.synthetic_alimama import AlimamaGenerator
+    from autorecbench.data.synthetic_alimama import FIRST_DESIGN, AlimamaGenerator
 
     users = max(100, round(log_rows / ROWS_PER_USER))
     ads = max(400, users)
-    return AlimamaGenerator(seed=0, users=users, ads=ads, categories=min(5000, ads // 2), brands=min(50_000, ads),
-                            campaigns=min(50_000, ads), customers=min(30_000, ads),
-                            samples=round(log_rows * FULL_SAMPLES / FULL_LOG_ROWS), chunk_users=4000)
+    sizes = {"users": users, "ads": ads, "categories": min(5000, ads // 2), "brands": min(50_000, ads),
+             "campaigns": min(50_000, ads), "customers": min(30_000, ads),
+             "samples": round(log_rows * FULL_SAMPLES / FULL_LOG_ROWS), "chunk_users": 4000}
+    return AlimamaGenerator(**{**FIRST_DESIGN, **sizes}, seed=0)  # the first design: ROWS_PER_USER's events a day
 
 
 def _raw(args: argparse.Namespace, log_rows: int) -> Path:
@@ -122,8 +123,10 @@ def main(argv: list[str] | None = None) -> None:
 
     from rich.table import Table
 
+    from autorecbench.bench.reference import hardware_line, load_average, load_references
     from autorecbench.console import out_console as console
 
+    load_at_start = load_average()
     sizes = [args.log_rows // 2, args.log_rows]
     with tempfile.TemporaryDirectory() as tmp:
         args.root = args.root or tmp
@@ -140,21 +143,29 @@ def main(argv: list[str] | None = None) -> None:
         return
     mib = 2**20
     table = Table(title=f"Alimama preprocessing (preset {args.preset}), generated files")
-    for col in ("log rows", "log MiB", "samples kept", "partitions", "seconds", "log rows/s", "peak RSS MiB"):
+    for col in ("log rows", "log MiB", "samples kept", "partitions", "seconds", "log rows/s", "vs README",
+                "peak RSS MiB"):
         table.add_column(col, justify="right")
     preps = [r for r in results if r["stage"] == "prepare"]
-    for p in preps:
+    references = load_references()
+    for size, p in zip(sizes, preps):
+        # The preparation runs on the CPU whatever --device says.
+        vs_readme = references.ratio(p["log_rows_per_second"], "alimama", "prepare_log_rows_per_second", "cpu",
+                                     log_rows=size)
         table.add_row(f"{p['log_rows']:,}", f"{p['log_bytes'] / mib:,.0f}", f"{p['rows']:,}", str(p["partitions"]),
-                      f"{p['seconds']:.1f}", f"{p['log_rows_per_second']:,.0f}", f"{p['peak_rss_bytes'] / mib:,.0f}")
+                      f"{p['seconds']:.1f}", f"{p['log_rows_per_second']:,.0f}", vs_readme,
+                      f"{p['peak_rss_bytes'] / mib:,.0f}")
     peak = extrapolate([(p["log_rows"], p["peak_rss_bytes"]) for p in preps], FULL_LOG_ROWS)
     seconds = extrapolate([(p["log_rows"], p["seconds"]) for p in preps], FULL_LOG_ROWS)
-    table.add_row(f"{FULL_LOG_ROWS:,} (extrapolated)", "", "", "", f"{seconds:,.0f}", "",
+    table.add_row(f"{FULL_LOG_ROWS:,} (extrapolated)", "", "", "", f"{seconds:,.0f}", "", "",
                   f"{peak / mib:,.0f} ({'≤' if peak <= MEMORY_LIMIT_BYTES else '>'} 4 GiB)")
     console.print(table)
     trains = [r for r in results if r["stage"] == "train"]
     if trains:
-        console.print(training_table(trains[0]))
+        console.print(training_table(trains[0], "alimama"))
         console.print(f"torch threads: {trains[0]['torch_threads']}")
+    console.print(hardware_line(args.device, load_at_start))
+    console.print(references.legend())
 
 
 if __name__ == "__main__":

@@ -109,7 +109,10 @@ def _one(args: argparse.Namespace) -> dict[str, Any]:
     root = Path(args.root)
     (root / "runs").mkdir(parents=True, exist_ok=True)
     seconds, control = _offline(args, root) if args.method == "deepfm" else _streaming(args, root)
-    out = {"method": args.method, "checkpoints": args.checkpoints, "seconds": seconds}
+    from autorecbench.config import resolve_device
+
+    out = {"method": args.method, "checkpoints": args.checkpoints, "seconds": seconds,
+           "device": str(resolve_device(args.device))}
     if control is not None:
         out.update(count=control.count, checkpoint_seconds=control.seconds, checkpoint_bytes=control.bytes)
     return out
@@ -133,10 +136,13 @@ def main(argv: list[str] | None = None) -> None:
 
     from rich.table import Table
 
+    from autorecbench.bench.reference import hardware_line, load_average, load_references
     from autorecbench.console import out_console as console
 
+    load_at_start = load_average()
+    references = load_references()
     table = Table(title=f"Checkpoint cost: a checkpoint every {args.every} batches / steps, against none")
-    for column in ("method", "run s (none)", "run s (with)", "checkpoints", "s each", "MiB each",
+    for column in ("method", "run s (none)", "run s (with)", "checkpoints", "s each", "vs README", "MiB each",
                    "measured overhead", "default policy overhead"):
         table.add_column(column, justify="left" if column == "method" else "right")
     with tempfile.TemporaryDirectory() as tmp:
@@ -160,11 +166,17 @@ def main(argv: list[str] | None = None) -> None:
             measured = (with_["seconds"] - plain["seconds"]) / plain["seconds"]
             default = each / max(DEFAULT_SECONDS, COST_FACTOR * each)
             table.add_row(method, f"{plain['seconds']:.1f}", f"{with_['seconds']:.1f}", str(with_["count"]),
-                          f"{each:.3f}", f"{with_['checkpoint_bytes'] / 2**20:,.1f}", f"{measured:+.1%}",
+                          f"{each:.3f}",
+                          references.ratio(each if with_["count"] else None, "checkpoint", "seconds_per_checkpoint",
+                                           with_["device"], method=method),
+                          f"{with_['checkpoint_bytes'] / 2**20:,.1f}", f"{measured:+.1%}",
                           f"{default:.2%}")
     console.print(table)
     console.print(f"default policy: a checkpoint every {DEFAULT_SECONDS:.0f} s, never sooner than {COST_FACTOR:.0f}x "
                   "the last one's cost; its overhead is cost / max(300 s, 20 x cost) for runs longer than that")
+    console.print("vs README: seconds per checkpoint / the README's (above 1: slower)")
+    console.print(hardware_line(args.device, load_at_start))
+    console.print(references.legend())
 
 
 if __name__ == "__main__":

@@ -62,9 +62,11 @@ def _one(args: argparse.Namespace) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     runner = StreamingRunner(StreamingConfig(batch_size=args.batch_size, eval_last=5_000_000))
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     result = runner.run(method, stream)
     total = time.perf_counter() - started
+    # CPU-seconds of every thread of this process: on a shared machine a steadier measure than wall time.
+    cpu_seconds = time.process_time() - cpu_started
     memory = method.memory()
     return {
         "method": args.method,
@@ -75,6 +77,7 @@ def _one(args: argparse.Namespace) -> dict[str, Any]:
         "interactions_per_second": result.interactions_per_second,
         "stream_seconds": result.stream_seconds,
         "with_metrics_seconds": total,
+        "cpu_seconds": cpu_seconds,
         "peak_rss_bytes": envinfo.peak_rss_bytes(),
         "cuda_peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "embedding_bytes": memory.embedding_bytes,
@@ -115,8 +118,10 @@ def main(argv: list[str] | None = None) -> None:
 
     from rich.table import Table
 
+    from autorecbench.bench.reference import hardware_line, load_average, load_references
     from autorecbench.console import out_console as console
 
+    load_at_start = load_average()
     with tempfile.TemporaryDirectory() as tmp:
         root = args.root or tmp
         runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -146,8 +151,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     mib = 2**20
     table = Table(title=f"Streaming throughput, synthetic stream, id spaces {args.users:,} users x {args.items:,} items")
-    columns = ["method", "Adam", "device", "rows", "interactions/s", "FIXED / method", "stream s", "peak RSS MiB",
-               "CUDA peak MiB", "embedding MiB", "optimizer state MiB"]
+    references = load_references()
+    columns = ["method", "Adam", "device", "rows", "interactions/s", "vs README", "FIXED / method", "stream s",
+               "CPU s", "peak RSS MiB", "CUDA peak MiB", "embedding MiB", "optimizer state MiB"]
     for col in columns:
         table.add_column(col, justify="right" if col not in ("method", "Adam", "device") else "left")
     for (method, optimizer), results in runs.items():
@@ -162,15 +168,23 @@ def main(argv: list[str] | None = None) -> None:
         ratio = f"{statistics.median(ratios):.2f}×" if ratios and method != "fixed" else "–"
         table.add_row(
             method + (" (static)" if r.get("static_shapes") else ""), optimizer, r["gpu"] or r["device"],
-            f"{r['rows']:,}", speed, ratio,
-            f"{r['stream_seconds']:.1f}", f"{r['peak_rss_bytes'] / mib:,.0f}",
+            f"{r['rows']:,}", speed,
+            "–" if r.get("static_shapes") else references.ratio(
+                statistics.median(speeds), "streaming", "interactions_per_second", r["device"], method=method,
+                optimizer=optimizer, task=r["task"]),
+            ratio,
+            f"{r['stream_seconds']:.1f}", f"{statistics.median(x['cpu_seconds'] for x in results):.1f}",
+            f"{r['peak_rss_bytes'] / mib:,.0f}",
             "–" if r["cuda_peak_bytes"] is None else f"{r['cuda_peak_bytes'] / mib:,.0f}",
             f"{r['embedding_bytes'] / mib:,.1f}", f"{r['embedding_optimizer_bytes'] / mib:,.1f}",
         )
     console.print(table)
     first = next(iter(runs.values()), [{}])[0]
     rounds = f"; median (min–max) of {args.repeat} rounds" if args.repeat > 1 else ""
-    console.print(f"torch threads: {first.get('torch_threads', '?')}; batch size {args.batch_size}{rounds}")
+    console.print(f"torch threads: {first.get('torch_threads', '?')}; batch size {args.batch_size}{rounds}; "
+                  "CPU s: CPU-seconds of the run's process, all threads (busy-waiting threads count)")
+    console.print(hardware_line(args.device, load_at_start))
+    console.print(references.legend())
 
 
 if __name__ == "__main__":

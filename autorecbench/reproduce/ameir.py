@@ -32,6 +32,7 @@ import yaml
 
 from autorecbench.console import setup_logging
 from autorecbench.data.schema import Schema
+from autorecbench.data.synthetic_alimama import FIRST_DESIGN_OVERRIDES
 from autorecbench.errors import UserError
 from autorecbench.reproduce.autoias_table1 import matched_embedding_dim
 from autorecbench.reproduce.runs import (
@@ -58,8 +59,8 @@ DATASETS: dict[str, list[str]] = {"alimama": ["data=alimama"], "criteo": ["data=
 _SMALL_CTR = ["data.generator.rows=10000", "data.generator.n_fields=8", "data.generator.n_informative=4",
               "data.generator.n_pairs=2", "data.generator.cardinality_max=30"]
 SMALL: dict[str, list[str]] = {
-    "alimama": ["data=synthetic-alimama", "data.generator.users=600", "data.generator.ads=200",
-                "data.generator.samples=10000", "data.generator.interest_strength=0",
+    "alimama": ["data=synthetic-alimama", *FIRST_DESIGN_OVERRIDES, "data.generator.users=600",
+                "data.generator.ads=200", "data.generator.samples=10000", "data.generator.interest_strength=0",
                 "data.generator.order_strength=1.5", "data.generator.order_pair_rate=0.3", "data.max_seq_len=10"],
     "criteo": ["data=synthetic-criteo", *_SMALL_CTR],
     "avazu": ["data=synthetic-avazu", *_SMALL_CTR],
