@@ -497,3 +497,39 @@ def test_a_joint_search_without_histories_resumes_to_the_same_numbers(tmp_path: 
     arch = json.loads((reference / "architecture.json").read_text())
     assert arch["search"] == "joint" and arch["blocks"] == [] and len(arch["interactions"]) == 2
     assert_same(reference, stop_and_resume(tmp_path / "b", overrides, 5, monkeypatch))
+
+
+# ---------------------------------------------------------------- validation statistics (no training)
+
+def _step1_row(layers: list[str], auc: float) -> dict[str, object]:
+    return {"step": 1, "cycle": 0, "candidate": json.dumps([["none", layer, "relu"] for layer in layers]),
+            "valid_auc": auc}
+
+
+def _pair_row(key: str, auc: float, cycle: int = 1) -> dict[str, object]:
+    return {"step": 2, "cycle": cycle, "candidate": key, "valid_auc": auc}
+
+
+def test_search_statistics_read_the_one_shot_scores() -> None:
+    from autorecbench.validate.ameir import search_statistics, structure_statistics
+
+    # conv3 / bigru children score 0.62 and 0.60, the others 0.55 and 0.57: gap 0.05; the planted pair (written
+    # in the other field order) is 2nd of cycle 1, a cycle-2 row scoring higher does not count
+    rows = [_step1_row(["conv3", "zero", "zero"], 0.62), _step1_row(["zero", "bigru", "conv1"], 0.60),
+            _step1_row(["conv1", "zero", "dconv3"], 0.55), _step1_row(["avgpool3", "zero", "zero"], 0.57),
+            _step1_row(["zero", "zero", "zero"], math.nan),
+            _pair_row("pid*brand", 0.58), _pair_row("cate_id*age_level", 0.57), _pair_row("userid*pid", 0.50),
+            _pair_row("age_level*cate_id*pid", 0.70, cycle=2)]
+    gap, rank = search_statistics(rows, keep=1)
+    assert gap.value == pytest.approx(0.05) and gap.passed
+    assert rank.value == 2 and not rank.passed and not rank.higher_is_better
+    # the control: order ops scored lowest and the pair missing
+    null = [_step1_row(["conv3", "zero", "zero"], 0.5), _step1_row(["zero", "zero", "zero"], 0.6),
+            _pair_row("pid*brand", 0.6)]
+    gap, rank = search_statistics(null, keep=10)
+    assert gap.value == pytest.approx(-0.1) and not gap.passed and math.isnan(rank.value) and not rank.passed
+    arch = {"blocks": [{"layer": "bigru"}, {"layer": "zero"}],
+            "interactions": [["cate_id", "age_level"], ["userid", "pid"], ["brand", "pid", "cms_group_id"]]}
+    assert structure_statistics(arch) == {"order_sensitive_op": 1.0, "planted_pair_kept": 1.0,
+                                          "planted_triple_kept": 1.0, "informative_interaction_share": 2 / 3}
+    assert structure_statistics({"blocks": [{"layer": "conv1"}], "interactions": []})["order_sensitive_op"] == 0.0
