@@ -533,3 +533,37 @@ def test_search_statistics_read_the_one_shot_scores() -> None:
     assert structure_statistics(arch) == {"order_sensitive_op": 1.0, "planted_pair_kept": 1.0,
                                           "planted_triple_kept": 1.0, "informative_interaction_share": 2 / 3}
     assert structure_statistics({"blocks": [{"layer": "conv1"}], "interactions": []})["order_sensitive_op"] == 0.0
+
+
+def test_a_diverged_run_leaves_its_cell_to_the_other_seeds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run that diverges does not stop the grid: its metrics are NaN (the cell's mean is the other seeds'), it
+    is listed in ``Grid.diverged`` and runs once; any other failure still propagates."""
+    import autorecbench.reproduce.ameir as reproduction
+    from autorecbench.errors import RunDiverged
+    from autorecbench.reproduce.ameir import Grid, run_tables
+    from autorecbench.reproduce.runs import mean_std
+
+    def fake_run(args: list[str], label: str) -> Path:
+        calls.append(label)
+        if "model=dnn" in args and "seed=1" in args:
+            raise RunDiverged("fit", 48, "validation logloss 1.14 above the bar")
+        if "model=deepfm" in args:
+            raise RuntimeError("a bug")
+        return tmp_path / label.replace(" / ", "-").replace(" ", "_")
+
+    calls: list[str] = []
+    monkeypatch.setattr(reproduction, "run_once", fake_run)
+    real_metrics = Grid.metrics  # NaN for a diverged run; a finished run's folder is read from its parquet
+    monkeypatch.setattr(Grid, "metrics", lambda self, folder: real_metrics(self, None) if folder is None
+                        else {"auc": 0.6 if "seed_0" in folder.name else 0.7, "logloss": 0.5})
+    grid = Grid(True, [], 3, tmp_path)
+    monkeypatch.setitem(reproduction.TABLES, "tiny", (["alimama"], ["auc"], {"DNN": ["method=fixed", "model=dnn"]}))
+    cells = run_tables(["tiny"], [0, 1, 2], ["alimama"], grid)
+    values = cells[("tiny", "DNN", "alimama")].values["auc"]
+    assert values[0] == 0.6 and math.isnan(values[1]) and values[2] == 0.7
+    assert mean_std(values) == "0.6500 ± 0.0707" and len(calls) == 3
+    assert len(grid.diverged) == 1 and "DNN / seed 1" in grid.diverged[0] and "diverged in the fit stage" in grid.diverged[0]
+    grid.run("alimama", ["method=fixed", "model=dnn"], 1, "DNN")  # a diverged configuration is not run again
+    assert len(calls) == 3
+    with pytest.raises(RuntimeError, match="a bug"):
+        grid.run("alimama", ["method=fixed", "model=deepfm"], 0, "DeepFM")

@@ -16,12 +16,15 @@ Every run uses the paper's batch size (``runner.batch_size=1024``). Each cell is
 beside the paper's value. Without ``--small`` the raw files must be in place (Alimama's four files, Criteo's
 ``train.txt``, Avazu's ``train``), otherwise the command stops before any run and says where to get them.
 ``--small`` runs the grid on small synthetic Alimama-, Criteo- and Avazu-format files with a reduced AMEIR budget:
-a check of the pipeline, not a reproduction.
+a check of the pipeline, not a reproduction. A run that diverges (``RunDiverged``) does not stop the grid: its
+cell shows the other seeds, the runs that diverged are listed under the tables and the command exits 1.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +33,10 @@ from typing import Annotated, Any, Optional
 import typer
 import yaml
 
-from autorecbench.console import setup_logging
+from autorecbench.console import out_console, setup_logging
 from autorecbench.data.schema import Schema
 from autorecbench.data.synthetic_alimama import FIRST_DESIGN_OVERRIDES
-from autorecbench.errors import UserError
+from autorecbench.errors import RunDiverged, UserError
 from autorecbench.reproduce.autoias_table1 import matched_embedding_dim
 from autorecbench.reproduce.runs import (
     Extra,
@@ -52,6 +55,7 @@ from autorecbench.reproduce.runs import (
     show,
 )
 
+log = logging.getLogger(__name__)
 REFERENCE = Path(__file__).with_suffix(".yaml")
 NOT_IMPLEMENTED = "not implemented"
 BATCH = ["runner.batch_size=1024"]
@@ -121,20 +125,31 @@ class Grid:
 
     def __init__(self, small: bool, extra: list[str], random_count: int, scratch: Path) -> None:
         self.small, self.extra, self.random_count, self.scratch = small, extra, random_count, scratch
-        self.folders: dict[tuple[str, ...], Path] = {}
+        self.folders: dict[tuple[str, ...], Path | None] = {}
+        self.diverged: list[str] = []
 
     def data(self, dataset: str) -> list[str]:
         return SMALL[dataset] + SMALL_RUN if self.small else DATASETS[dataset]
 
-    def run(self, dataset: str, overrides: list[str], seed: int, label: str) -> Path:
+    def run(self, dataset: str, overrides: list[str], seed: int, label: str) -> Path | None:
+        """The run's folder; None when it diverged (kept in ``diverged``: the grid goes on, the cell shows the
+        other seeds, the command exits 1 at the end)."""
         ameir = SMALL_AMEIR if self.small and overrides[0] == "method=ameir" else []
         key = (dataset, *overrides, str(seed))
         if key not in self.folders:
             args = [*self.data(dataset), *BATCH, *overrides, *ameir, f"seed={seed}", "quiet=true", *self.extra]
-            self.folders[key] = run_once(args, f"{dataset} / {label} / seed {seed}")
+            name = f"{dataset} / {label} / seed {seed}"
+            try:
+                self.folders[key] = run_once(args, name)
+            except RunDiverged as exc:
+                log.warning("%s: %s", name, exc)
+                self.diverged.append(f"{name}: {exc}")
+                self.folders[key] = None
         return self.folders[key]
 
-    def metrics(self, folder: Path) -> dict[str, float]:
+    def metrics(self, folder: Path | None) -> dict[str, float]:
+        if folder is None:  # diverged: no value for any column
+            return dict.fromkeys(("auc", "logloss", "qps", "search_seconds", "parameters", "valid_auc"), math.nan)
         test, cost = run_metrics(folder, "test"), run_metrics(folder, "cost")
         return {"auc": test["auc"], "logloss": test["logloss"], "qps": cost.get("inference_qps", float("nan")),
                 "search_seconds": cost.get("search_seconds", float("nan")), "parameters": cost["parameters"],
@@ -142,6 +157,8 @@ class Grid:
 
     def matched(self, dataset: str, seed: int, cell: Cell) -> dict[str, float]:
         ameir = self.run(dataset, [*AMEIR, "method.variant=C"], seed, "AMEIR-C")
+        if ameir is None:  # nothing to match
+            return self.metrics(None)
         cache = Path(json.loads((ameir / "run.json").read_text())["data"]["cache_dir"])
         dim = matched_embedding_dim(Schema.load(cache / "schema.json").fields,
                                     run_metrics(ameir, "cost")["parameters"])
@@ -170,10 +187,11 @@ class Grid:
             path = self.scratch / f"random-{dataset}-{seed}-{i}.json"
             path.write_text(json.dumps(method.random_architecture(generator)))
             runs.append(self.metrics(self.run(dataset, [*AMEIR, f"method.architecture={path}"], seed, f"Random {i}")))
-        best = max(runs, key=lambda m: m["valid_auc"])
+        best = max(runs, key=lambda m: -math.inf if math.isnan(m["valid_auc"]) else m["valid_auc"])
         cell.detail.append(f"best of {self.random_count}")
         cost = sum(run_metrics(f, "cost")["train_seconds"] for k, f in self.folders.items()
-                   if k[0] == dataset and k[-1] == str(seed) and any(str(o).startswith("method.architecture=") for o in k))
+                   if f is not None and k[0] == dataset and k[-1] == str(seed)
+                   and any(str(o).startswith("method.architecture=") for o in k))
         return {**best, "search_seconds": cost}
 
 
@@ -275,7 +293,8 @@ def command(
     if not small:
         require_raw_data({d: DATASETS[d] for d in needed}, "`autorecbench reproduce ameir --small`")
     with tempfile.TemporaryDirectory(prefix="autorecbench-ameir-") as scratch:
-        cells = run_tables(chosen, seed_list, needed, Grid(small, list(extra or []), random, Path(scratch)))
+        grid = Grid(small, list(extra or []), random, Path(scratch))
+        cells = run_tables(chosen, seed_list, needed, grid)
     reference = load_reference()
     texts = []
     for table in [t for t in chosen if set(TABLES[t][0]) & set(needed)]:
@@ -283,7 +302,12 @@ def command(
         title = TITLES[table] + (" — synthetic stand-ins" if small else "")
         show(title, header, rows, fmt)
         texts.append(f"**{title}**\n\n" + markdown(header, rows))
+    if grid.diverged:
+        texts.append("Diverged (left out of their cells): " + "; ".join(grid.diverged))
+        out_console.print(texts[-1], highlight=False)
     finish(output, "\n\n".join(texts) + "\n", small)
+    if grid.diverged:  # the tables show the other seeds; the exit code says a run is missing
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
