@@ -17,6 +17,7 @@ from autorecbench.methods.offline_common import training_loss
 from autorecbench.models.backbones import logloss
 from autorecbench.models.dien import DIEN, AttentionGRU
 from conftest import read_run, run_cli, run_folders
+from offline_helpers import run
 from test_sequence_models import SMALL, backbone, batch
 
 T = 5
@@ -155,3 +156,12 @@ def test_cli_runs_dien_on_synthetic_alimama_and_lists_its_choices(home: Path) ->
     assert 0 < values["auc"] < 1 and values["logloss"] > 0
     listing = run_cli("methods", home=home, check=True).stdout
     assert "dien" in listing and "aux_weight" in listing
+
+
+def test_same_seed_same_numbers_and_the_auxiliary_loss_changes_training(tmp_path: Path) -> None:
+    overrides = [*SMALL, "model=dien"]
+    first = run(tmp_path, overrides)[1]
+    second = run(tmp_path, overrides)[1]
+    assert first.headline == second.headline and first.metrics == second.metrics
+    without = run(tmp_path, [*overrides, "model.aux_weight=0"])[1]
+    assert without.metrics != first.metrics
