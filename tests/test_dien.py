@@ -74,7 +74,7 @@ def test_attention_one_everywhere_is_a_gru_step_by_step(mode: str) -> None:
         assert torch.allclose(final[i], expected, atol=1e-6)
 
 
-def test_augru_and_agru_are_eq_9_to_11_step_by_step() -> None:
+def test_augru_and_agru_are_eq_10_to_12_step_by_step() -> None:
     torch.manual_seed(2)
     inputs, attention = torch.randn(3, T, 4), torch.rand(3, T)
     lengths = torch.full((3,), T)
@@ -90,7 +90,7 @@ def test_augru_and_agru_are_eq_9_to_11_step_by_step() -> None:
                 u = 1 - torch.sigmoid(w_z @ x + b_z + u_z @ h + c_z)  # the paper's update gate (Eq. 2)
                 r = torch.sigmoid(w_r @ x + b_r + u_r @ h + c_r)
                 candidate = torch.tanh(w_n @ x + b_n + r * (u_n @ h + c_n))
-                gate = a * u if mode == "augru" else a  # Eq. 10 / Eq. 9
+                gate = a * u if mode == "augru" else a  # Eq. 11 / Eq. 10
                 h = (1 - gate) * h + gate * candidate
             assert torch.allclose(got[i], h, atol=1e-6), mode
 

@@ -7,28 +7,30 @@ D = S K, T the padded length and L ≤ T the row's valid length:
 
 - behaviours e_b[t] = [E_cate[hist_cate_t], E_brand[hist_brand_t]] ∈ R^D (the tables of the fields the
   sequences share, as DIN), the target e_a = [E_cate[cate_id], E_brand[brand]] ∈ R^D;
-- interest extractor (§4.2, Eq. 1–4): h_t = GRU(e_b[t], h_{t-1}), h_0 = 0, hidden size D (``nn.GRU``). The
+- interest extractor (§4.2, Eq. 2–5): h_t = GRU(e_b[t], h_{t-1}), h_0 = 0, hidden size D (``nn.GRU``). The
   histories are post-padded, so h_t for t < L never sees a padded position; the states at t ≥ L are computed
   and never read (masked, no packing, so no host sync);
-- auxiliary loss (Eq. 5–6): L_aux = −mean over the valid pairs (t, t+1 < L) of
+- auxiliary loss (Eq. 6): L_aux = −mean over the valid pairs (t, t+1 < L) of
   [log σ(<h_t, e_b[t+1]>) + log(1 − σ(<h_t, ê_b[t+1]>))], ê_b[t+1] a negative behaviour; the training loss is
-  L_target + α L_aux (Eq. 12) with α = ``aux_weight``. It reaches the loss through ``auxiliary_loss()``
+  L_target + α L_aux (Eq. 7) with α = ``aux_weight``. It reaches the loss through ``auxiliary_loss()``
   (``CTRBackbone``): the term of the latest training forward, which the offline training steps add;
-- interest evolving layer (§4.3, Eq. 7–11): attention a_t = softmax over valid t of h_t W e_a (Eq. 8, the
-  paper's bilinear form), and AUGRU: ũ'_t = a_t u'_t, h'_t = (1 − ũ'_t) ∘ h'_{t−1} + ũ'_t ∘ h̃'_t (Eq. 9–11;
+- interest evolving layer (§4.3, Eq. 8–12): attention a_t = softmax over valid t of h_t W e_a (Eq. 8, the
+  paper's bilinear form), and AUGRU: ũ'_t = a_t u'_t, h'_t = (1 − ũ'_t) ∘ h'_{t−1} + ũ'_t ∘ h̃'_t (Eq. 11–12;
   a_t = 0 at padding, so the state stays, and h'_L is the row's last valid state); ``evolution=agru``
-  (h'_t = (1 − a_t) h'_{t−1} + a_t h̃'_t, Eq. 9) or ``aigru`` (a GRU over a_t h_t, the last valid state) are the
-  paper's alternatives;
+  (h'_t = (1 − a_t) h'_{t−1} + a_t h̃'_t, Eq. 10) or ``aigru`` (a GRU over a_t h_t, Eq. 9, the last valid
+  state) are the paper's alternatives;
 - logit = W_o MLP([e_1 .. e_F, h'_L, sum_{t<L} e_b[t]]) + b_o, the MLP of ``hidden`` (200-80) with
   ``activation`` PReLU or Dice (as DIN).
 
 Choices ([D]: the paper is silent or differs from the code; each a config value in ``conf/model/dien.yaml``):
 [D] ``aux_weight: 1.0`` (α; the official code adds the auxiliary loss with weight 1); [D] negatives drawn
 uniformly from each sequence field's vocabulary (codes 1 .. cardinality − 1; ``negatives: uniform``), one per
-position, from the model's own generator seeded from the run's seed (the paper samples from the item pool,
-the official code takes another user's behaviours in the batch; a draw may equal the positive); [D] σ of the
+position, from the model's own generator seeded from the run's seed (the paper samples from the item pool;
+the official code's data iterator draws an item of a random review, i.e. in proportion to its interactions; a
+draw may equal the positive); [D] σ of the
 inner product <h_t, e_b> (Eq. 6; the code scores with an MLP of 100-50), hence hidden size = D; [D] L_aux is
-the mean over valid pairs (the code's normalisation; Eq. 6 sums over t and divides by the rows); [D] the
+the mean over valid pairs, independent of the padded length T (Eq. 6 sums over t and divides by the rows N; the
+code averages over all B (T − 1) positions, padded ones counting 0); [D] the
 bilinear attention of Eq. 8 (the code uses a DIN-like MLP attention with softmax); [D] the sum-pooled history
 joins the MLP input (the code's ``item_his_eb_sum``; the paper's figure shows the final interest with the
 profile, ad and context features); [D] GRU weights as torch's defaults (uniform ±1/sqrt(D)). The MLP,
@@ -71,10 +73,11 @@ class DIENConfig(BackboneConfig):
 
 
 class AttentionGRU(nn.Module):
-    """The interest evolving GRU (DIEN §4.3, Eq. 9–11) with the weight layout of ``nn.GRUCell`` (gates r, z, n):
-    r = σ(W_ir x + b_ir + W_hr h + b_hr), u = 1 − z = 1 − σ(W_iz x + ... ), n = tanh(W_in x + b_in + r (W_hn h + b_hn)),
-    and torch's h' = (1 − z) n + z h = u n + (1 − u) h. ``augru``: u scaled by a_t (Eq. 11); ``agru``: u
-    replaced by a_t (Eq. 9); ``aigru``: a plain GRU over a_t x_t, frozen past the valid length."""
+    """The interest evolving GRU (DIEN §4.3, Eq. 9–12) with the weight layout of ``nn.GRUCell`` (gates r, z, n):
+    r = σ(W_ir x + b_ir + W_hr h + b_hr), u = 1 − z = 1 − σ(W_iz x + ...),
+    n = tanh(W_in x + b_in + r (W_hn h + b_hn)), and torch's h' = (1 − z) n + z h = u n + (1 − u) h.
+    ``augru``: u scaled by a_t (Eq. 11–12); ``agru``: u replaced by a_t (Eq. 10); ``aigru``: a plain GRU over
+    a_t x_t (Eq. 9), frozen past the valid length."""
 
     def __init__(self, input_size: int, hidden_size: int, mode: str) -> None:
         super().__init__()
@@ -110,12 +113,12 @@ class AttentionGRU(nn.Module):
 @register_model("dien")
 class DIEN(TargetAttentionBackbone):
     config_class: ClassVar[type[BackboneConfig]] = DIENConfig
-    paper = "Zhou et al., AAAI 2019 (DIEN) §4, Eq. 1-12"
+    paper = "Zhou et al., AAAI 2019 (DIEN) §4, Eq. 2-12"
     fidelity = "faithful, deviations documented"
     deviations = ("[D] aux_weight=1.0 (α); negatives uniform over the field vocabularies (paper: item pool; code: "
-                  "other users' behaviours); aux score σ(<h_t, e_b>) of Eq. 6 (code: an MLP); L_aux mean over valid "
-                  "pairs; bilinear attention of Eq. 8 (code: MLP attention); sum-pooled history in the MLP input "
-                  "(code's); evolution=augru|agru|aigru")
+                  "by interaction count); aux score σ(<h_t, e_b>) of Eq. 6 (code: an MLP); L_aux mean over valid "
+                  "pairs (code: over all B(T-1) positions); bilinear attention of Eq. 8 (code: MLP attention); "
+                  "sum-pooled history in the MLP input (code's); evolution=augru|agru|aigru")
 
     def build_layers(self) -> None:
         cfg = self.cfg
@@ -133,7 +136,7 @@ class DIEN(TargetAttentionBackbone):
         self._auxiliary: torch.Tensor | None = None
 
     def auxiliary_loss(self) -> torch.Tensor | None:
-        """α L_aux of the latest training forward (Eq. 12), once; None in evaluation or with α = 0."""
+        """α L_aux of the latest training forward (Eq. 7), once; None in evaluation or with α = 0."""
         term, self._auxiliary = self._auxiliary, None
         return term
 
