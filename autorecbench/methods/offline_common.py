@@ -40,11 +40,11 @@ def backbone_logits(model: nn.Module, batch: OfflineBatch) -> torch.Tensor:
     return model(batch.x, batch.seq, batch.seq_len)
 
 
-def training_loss(task: TaskSpec, model: nn.Module, backbone: CTRBackbone, batch: OfflineBatch) -> torch.Tensor:
+def training_loss(task: TaskSpec, model: nn.Module, backbone: nn.Module, batch: OfflineBatch) -> torch.Tensor:
     """The logloss of ``model`` (``backbone`` or its DistributedDataParallel wrapper) on ``batch`` plus the
-    backbone's auxiliary term of that forward, if it has one (DIEN Eq. 7)."""
+    backbone's auxiliary term of that forward, if it is a CTR backbone with one (DIEN Eq. 7)."""
     loss = logloss(task, backbone_logits(model, batch), batch.label)
-    auxiliary = backbone.auxiliary_loss()
+    auxiliary = backbone.auxiliary_loss() if isinstance(backbone, CTRBackbone) else None
     return loss if auxiliary is None else loss + auxiliary
 
 
