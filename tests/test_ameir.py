@@ -446,7 +446,9 @@ def test_reproduction_stops_without_raw_data_and_marks_what_the_suite_lacks(home
     header, rows = table_rows("table1", cells, reference, small=True)
     ours = {r[0]: r for r in rows if r[1].startswith("ours")}
     assert header == ["model", "source", "alimama AUC", "alimama QPS"]
-    assert ours["DIEN"][2:] == [NOT_IMPLEMENTED] * 2 and ours["AMEIR-C"][2:] == ["0.6350 ± 0.0071", "46 ± 1K"]
+    assert ours["DSIN"][2:] == [NOT_IMPLEMENTED] * 2 and ours["AMEIR-C"][2:] == ["0.6350 ± 0.0071", "46 ± 1K"]
+    assert ours["DIEN"][2:] == ["–"] * 2 and TABLES["table1"][2]["DIEN"] == ["method=fixed", "model=dien"]
+    assert [label for label, o in TABLES["table1"][2].items() if o is None] == ["DSIN"]
     assert [r[2] for r in rows if r[:2] == ["AMEIR-C", "paper"]] == ["0.6383 ± 0.0004"]
     # Table 4: Random, the one-shot random search over the joint space and AMEIR run; the other NAS rows do not
     runs = {label: o for label, o in TABLES["table4"][2].items() if o is not None}

@@ -45,3 +45,17 @@ def test_offline_methods_on_cuda_are_reproducible_and_learn(home: Path, method: 
     for name in ta:
         assert ta[name].equals(tb[name]), name
     assert info["metrics"]["auc"] > 0.6  # planted signal is learnable; no-signal would give ≈ 0.5
+
+
+def test_dien_on_cuda_is_reproducible(home: Path) -> None:
+    """DIEN's GRUs (cuDNN) and its negatives' generator on the device: the same seed gives the same tables."""
+    from test_sequence_models import SMALL
+
+    for _ in range(2):
+        run_cli("run", "model=dien", *SMALL, "device=cuda", "-q", home=home, check=True)
+    a, b = run_folders(home)
+    assert read_run(a)["device"].startswith("cuda")
+    ta, tb = _tables(a), _tables(b)
+    assert ta.keys() == tb.keys()
+    for name in ta:
+        assert ta[name].equals(tb[name]), name

@@ -370,6 +370,9 @@ class AutoLoss(BackboneMethod):
         else:
             p = self.loss_weights(logits, batch.label, tau)
         loss = self._weighted_loss(logits, batch.label, p)
+        auxiliary = self.module().auxiliary_loss()  # DIEN's L_aux (Eq. 7) beside the searched loss
+        if auxiliary is not None:
+            loss = loss + auxiliary
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

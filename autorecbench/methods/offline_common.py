@@ -24,6 +24,7 @@ from autorecbench.train.optim import SplitAdam, check_mode, tensor_bytes
 
 if TYPE_CHECKING:
     from autorecbench.data.offline import OfflineBatch
+    from autorecbench.data.schema import TaskSpec
 
 
 def embedding_tables(module: nn.Module | None) -> list[nn.Parameter]:
@@ -37,6 +38,14 @@ def backbone_logits(model: nn.Module, batch: OfflineBatch) -> torch.Tensor:
     """A backbone's logits for a batch: its categorical codes and, where the data has them, its behaviour
     sequences (a backbone that does not read sequences ignores them)."""
     return model(batch.x, batch.seq, batch.seq_len)
+
+
+def training_loss(task: TaskSpec, model: nn.Module, backbone: nn.Module, batch: OfflineBatch) -> torch.Tensor:
+    """The logloss of ``model`` (``backbone`` or its DistributedDataParallel wrapper) on ``batch`` plus the
+    backbone's auxiliary term of that forward, if it is a CTR backbone with one (DIEN Eq. 7)."""
+    loss = logloss(task, backbone_logits(model, batch), batch.label)
+    auxiliary = backbone.auxiliary_loss() if isinstance(backbone, CTRBackbone) else None
+    return loss if auxiliary is None else loss + auxiliary
 
 
 def check_positive(cfg: DictConfig, *keys: str) -> None:
@@ -160,7 +169,7 @@ class BackboneMethod(OfflineMethod):
         assert optimizer is not None
         model.train()
         optimizer.zero_grad()
-        loss = logloss(self.ctx.task, backbone_logits(model, batch), batch.label)
+        loss = training_loss(self.ctx.task, model, self.module(), batch)
         loss.backward()
         optimizer.step()
         return loss.detach()

@@ -166,6 +166,11 @@ class CTRBackbone(nn.Module):
             raise RuntimeError(f"{type(self).__name__} was built for behaviour sequences: pass seq and seq_len")
         return torch.cat([e, torch.stack([masked_sum(i, seq_len) for i in items], dim=1)], dim=1)
 
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """An extra training-loss term from the latest training forward (DIEN's L_aux), returned once, or None.
+        The offline training steps add it to the target loss (``methods.offline_common.training_loss``)."""
+        return None
+
     @property
     def n_stacked(self) -> int:
         """Rows of :meth:`field_stack`: the fields and the pooled sequences."""
@@ -190,6 +195,28 @@ class CTRBackbone(nn.Module):
         mlp = MLP(in_dim, self.cfg.hidden, self.cfg.batch_norm, self.cfg.dropout, self.cfg.activation,
                   affine=self.cfg.batch_norm_affine)
         return mlp, nn.Linear(mlp.out_dim, self.n_outputs)
+
+
+class TargetAttentionBackbone(CTRBackbone):
+    """Base of the backbones that read the history against the target ad (DIN, DIEN): they cannot run without
+    behaviour sequences, and see a behaviour as the concatenation of its sequence fields' embeddings."""
+
+    uses_sequences = True
+    requires_sequences = True
+
+    @property
+    def behaviour_dim(self) -> int:
+        """Width of a behaviour h_t and of the target t: one embedding per sequence field."""
+        return len(self.sequence_specs) * self.dim
+
+    def behaviours(self, x: torch.Tensor, seq: dict[str, torch.Tensor] | None,
+                   seq_len: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The field embeddings ``[B, F, d]``, the behaviours ``[B, T, S d]``, the target ``[B, S d]`` (the fields
+        the sequences share, in the same order) and the valid lengths ``[B]``."""
+        if seq is None or seq_len is None:
+            raise RuntimeError(f"{type(self).__name__} needs the behaviour sequences: pass seq and seq_len")
+        e, items = self.embed(x, seq)
+        return e, torch.cat(items, dim=-1), e[:, self.shared_fields].flatten(1), seq_len
 
 
 class FMTerm(nn.Module):
@@ -306,7 +333,7 @@ def build_backbone(name: str, fields: Sequence[FieldSpec], task: TaskSpec, model
 
     cls = model_class(name)
     if not issubclass(cls, CTRBackbone):
-        raise UserError(f"model {name!r} is not a CTR backbone (choose one of lr, fm, dnn, wide_deep, deepfm, ipnn, din)")
+        raise UserError(f"model {name!r} is not a CTR backbone (choose one of lr, fm, dnn, wide_deep, deepfm, ipnn, din, dien)")
     return cls(fields, task.n_outputs, cls.config_class.from_cfg(model_cfg), embedding, sparse, sequences)
 
 

@@ -25,16 +25,13 @@ no dropout).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from torch import nn
 
-from autorecbench.data.schema import FieldSpec
 from autorecbench.errors import UserError
-from autorecbench.models.backbones import BackboneConfig, CTRBackbone
+from autorecbench.models.backbones import BackboneConfig, TargetAttentionBackbone
 from autorecbench.models.layers import ACTIVATIONS, LocalActivationUnit
 from autorecbench.models.registry import register_model
 
@@ -54,31 +51,22 @@ class DINConfig(BackboneConfig):
 
 
 @register_model("din")
-class DIN(CTRBackbone):
-    uses_sequences = True
-    requires_sequences = True
+class DIN(TargetAttentionBackbone):
     config_class: ClassVar[type[BackboneConfig]] = DINConfig
     paper = "Zhou et al., KDD 2018 (DIN) §4.3, §5.2; DSIN code's settings"
     fidelity = "faithful, deviations documented"
     deviations = ("unit input [h, t, h-t, h*t] (the code's; the paper draws an outer product); no mini-batch "
                   "aware regularisation")
 
-    def __init__(self, fields: Sequence[FieldSpec], n_outputs: int, cfg: BackboneConfig,
-                 embedding: nn.Module | None = None, sparse: bool = False,
-                 sequences: Sequence[FieldSpec] = ()) -> None:
-        super().__init__(fields, n_outputs, cfg, embedding, sparse, sequences)
+    def build_layers(self) -> None:
+        cfg = self.cfg
         assert isinstance(cfg, DINConfig)
-        behaviour_dim = len(self.sequence_specs) * self.dim
-        self.attention = LocalActivationUnit(behaviour_dim, cfg.attention_hidden,
+        self.attention = LocalActivationUnit(self.behaviour_dim, cfg.attention_hidden,
                                              cfg.attention_activation or cfg.activation)
-        self.mlp, self.head = self.deep(self.n_fields * self.dim + behaviour_dim)
+        self.mlp, self.head = self.deep(self.n_fields * self.dim + self.behaviour_dim)
 
     def forward(self, x: torch.Tensor, seq: dict[str, torch.Tensor] | None = None,
                 seq_len: torch.Tensor | None = None) -> torch.Tensor:
-        if seq is None or seq_len is None:
-            raise RuntimeError("DIN needs the behaviour sequences: pass seq and seq_len")
-        e, behaviours = self.embed(x, seq)
-        items = torch.cat(behaviours, dim=-1)  # [B, T, S K]
-        target = e[:, self.shared_fields].flatten(1)  # [B, S K]
-        interest = self.attention.pool(items, target, seq_len)
+        e, items, target, lengths = self.behaviours(x, seq, seq_len)  # [B, F, K], [B, T, S K], [B, S K]
+        interest = self.attention.pool(items, target, lengths)
         return self.head(self.mlp(torch.cat([e.flatten(1), interest], dim=1)))
