@@ -101,7 +101,7 @@ def test_local_activation_unit_is_the_mlp_over_the_concatenation(activation: str
         for t in range(5):
             z = torch.cat([items[b, t], target[b], items[b, t] - target[b], items[b, t] * target[b]])[None]
             expected = unit.out(unit.mlp(unit.first_activation(unit.first(z))))[0, 0] if t < lengths[b] else 0.0
-            assert math.isclose(float(weights[b, t]), float(expected), abs_tol=1e-5)
+            assert math.isclose(float(weights[b, t].detach()), float(torch.as_tensor(expected).detach()), abs_tol=1e-5)
     pooled = unit.pool(items, target, lengths)
     assert torch.allclose(pooled, (weights[..., None] * items).sum(1), atol=1e-6)
     assert torch.equal(pooled[2], torch.zeros(6))  # an empty history: no interest
