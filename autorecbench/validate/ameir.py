@@ -60,7 +60,13 @@ from typing import Any, ClassVar
 import torch
 
 from autorecbench.data.synthetic_alimama import FIRST_DESIGN_OVERRIDES
-from autorecbench.validate.base import MethodValidation, Statistic, register_validation, shared_once
+from autorecbench.validate.base import (
+    MethodValidation,
+    Statistic,
+    fit_random_architectures,
+    register_validation,
+    shared_once,
+)
 
 PAIR = ("age_level", "cate_id")
 TRIPLE = ("cms_group_id", "pid", "brand")
@@ -138,12 +144,9 @@ class AMEIRValidation(MethodValidation):
         def compute() -> Shared:
             shared = Shared(first_order_auc=runs.first_order())
             generator = torch.Generator().manual_seed(10_000 + seed)
-            structures = []
-            for _ in range(BUDGETS[quick]["random_architectures"]):
-                arch = runs.random_architecture(generator)
-                shared.random_aucs.append(runs.fit(arch))
-                structures.append(structure_statistics(arch))
-            shared.random_structure = {k: statistics.fmean(s[k] for s in structures) for k in structures[0]}
+            drawn = (runs.random_architecture(generator) for _ in range(BUDGETS[quick]["random_architectures"]))
+            shared.random_aucs, shared.random_structure = fit_random_architectures(drawn, runs.fit,
+                                                                                   structure_statistics)
             return shared
 
         return shared_once(self._shared, "ameir", case, seed, quick, workdir, lambda d: Shared(**d), compute)

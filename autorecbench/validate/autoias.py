@@ -44,7 +44,13 @@ from typing import Any, ClassVar
 
 import torch
 
-from autorecbench.validate.base import MethodValidation, Statistic, register_validation, shared_once
+from autorecbench.validate.base import (
+    MethodValidation,
+    Statistic,
+    fit_random_architectures,
+    register_validation,
+    shared_once,
+)
 
 FIELDS, INFORMATIVE, PAIRS = 10, 5, 3
 RANDOM_ARCHITECTURES = 20
@@ -135,12 +141,9 @@ class AutoIASValidation(MethodValidation):
         def compute() -> Shared:
             shared = Shared(truth=runs.truth())
             generator = torch.Generator().manual_seed(10_000 + seed)
-            structures = []
-            for arch in runs.random_architectures(RANDOM_ARCHITECTURES, generator):
-                shared.random_aucs.append(runs.fit(arch))
-                structures.append(structure_statistics({**arch, "p_select_pairs": None}, shared.truth,
-                                                       runs.space_fields()))
-            shared.random_structure = {k: statistics.fmean(s[k] for s in structures) for k in structures[0]}
+            shared.random_aucs, shared.random_structure = fit_random_architectures(
+                runs.random_architectures(RANDOM_ARCHITECTURES, generator), runs.fit,
+                lambda arch: structure_statistics({**arch, "p_select_pairs": None}, shared.truth, runs.space_fields()))
             shared.random_structure["p_select_planted_min"] = 0.5  # the uniform distribution
             shared.random_structure["p_select_noise_mean"] = 0.5
             shared.random_search_auc = runs.search_and_fit(["method.search=random"])[1]

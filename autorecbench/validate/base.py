@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -78,6 +79,7 @@ VALIDATIONS: dict[str, type[MethodValidation]] = {}
 
 
 SharedT = TypeVar("SharedT")
+ArchT = TypeVar("ArchT")
 
 
 def shared_once(cache: dict[tuple[str, int, bool, str], Any], name: str, case: str, seed: int, quick: bool,
@@ -95,6 +97,17 @@ def shared_once(cache: dict[tuple[str, int, bool, str], Any], name: str, case: s
             stored.write_text(json.dumps(asdict(value)))  # type: ignore[call-overload]
             cache[key] = value
     return cache[key]
+
+
+def fit_random_architectures(architectures: Iterable[ArchT], fit: Callable[[ArchT], float],
+                              structure: Callable[[ArchT], dict[str, float]]) -> tuple[list[float], dict[str, float]]:
+    """The null of a search validation: each random architecture trained (its test AUC, in draw order) and the
+    mean of its structure statistics."""
+    aucs, structures = [], []
+    for arch in architectures:
+        aucs.append(fit(arch))
+        structures.append(structure(arch))
+    return aucs, {k: statistics.fmean(s[k] for s in structures) for k in structures[0]}
 
 
 def register_validation(cls: type[MethodValidation]) -> type[MethodValidation]:

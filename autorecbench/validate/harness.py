@@ -78,16 +78,8 @@ class Verdict:
     planted_passed: int
     other_passed: int  # passes on the other cases (the control), summed over cases and seeds
     by_design: str | None
-    planted_measured: int = -1  # rows measured on the planted case (-1: one per seed)
-    other_measured: int = -1  # rows measured on the other cases (-1: one per seed)
-
-    @property
-    def planted_rows(self) -> int:
-        return self.seeds if self.planted_measured < 0 else self.planted_measured
-
-    @property
-    def other_rows(self) -> int:
-        return self.seeds if self.other_measured < 0 else self.other_measured
+    planted_rows: int  # rows measured on the planted case (0: a control-only statistic)
+    other_rows: int  # rows measured on the other cases
 
     @property
     def label(self) -> str:
